@@ -1,0 +1,29 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both set up everything from nothing.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint system-deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+## Run the fake windows_exporter and the proxy together, and print URLs to curl.
+demo: $(STAMP)
+	$(BIN)/windows-metrics-proxy demo
+
+## Install system tools the tests drive (prometheus, promtool) when missing, then lint and test.
+test: $(STAMP) system-deps
+	$(BIN)/ruff check proxy tests
+	$(BIN)/ruff format --check proxy tests
+	$(BIN)/python -m pytest
+
+system-deps:
+	scripts/install-system-deps.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,203 @@
+"""Command line: `serve` (the default, the container's job), `fake-exporter` and `demo`.
+
+Settings are read here, once, and handed down. Errors a user can fix come out as one line on
+stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, get_args
+
+from aiohttp import web
+
+from proxy import __version__
+from proxy.app import create_app
+from proxy.logs import configure_logging
+from proxy.runtime import StopSignals, loop_factory
+from proxy.settings import ConfigError, Settings, env_name, flag_name, load_settings
+from proxy.telemetry import Telemetry
+
+PROG = "windows-metrics-proxy"
+log = logging.getLogger("proxy.cli")
+
+EXIT_CONFIG = 2
+EXIT_RUNTIME = 1
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
+    """One flag per setting; values stay strings so pydantic validates flags and env alike."""
+    for name, field in Settings.model_fields.items():
+        if name in skip:
+            continue
+        help_text = f"{field.description} [env {env_name(name)}, default {field.default!r}]"
+        if field.annotation is bool:
+            parser.add_argument(
+                flag_name(name),
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
+            )
+        else:
+            choices = get_args(field.annotation) if "Literal" in str(field.annotation) else None
+            metavar = "{" + ",".join(choices) + "}" if choices else name.upper()
+            parser.add_argument(flag_name(name), dest=name, metavar=metavar, help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {name: getattr(args, name, None) for name in Settings.model_fields}
+    return load_settings(**overrides)
+
+
+def listen_hosts(address: str) -> str | list[str] | None:
+    """'::' means dual stack; asyncio binds IPv6-only sockets, so ask for every family instead."""
+    return None if address in ("::", "0.0.0.0::") else address
+
+
+async def start_proxy(settings: Settings, *, loop_name: str = "asyncio") -> tuple[web.AppRunner, int]:
+    """Start serving; returns the runner (to clean up) and the bound port (for port 0)."""
+    app = create_app(settings, telemetry=Telemetry(loop_name=loop_name))
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
+        shutdown_timeout=settings.shutdown_timeout,
+    )
+    await runner.setup()
+    site = web.TCPSite(
+        runner,
+        host=listen_hosts(settings.listen_address),
+        port=settings.listen_port,
+        reuse_address=True,
+    )
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(
+            f"{env_name('listen_port')} (--listen-port): cannot listen on "
+            f"{settings.listen_address}:{settings.listen_port}: {exc.strerror or exc}"
+        ) from None
+    port = bound_port(runner)
+    log.info(
+        "listening",
+        extra={
+            "fields": {
+                "address": settings.listen_address,
+                "port": port,
+                "upstream": settings.upstream_url,
+                "coalesce": settings.coalesce,
+                "loop": loop_name,
+                "version": __version__,
+            }
+        },
+    )
+    return runner, port
+
+
+def bound_port(runner: web.BaseRunner) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            return int(address[1])
+    raise RuntimeError("runner has no TCP address")
+
+
+async def serve(settings: Settings, stop: asyncio.Event, *, loop_name: str = "asyncio") -> None:
+    runner, _port = await start_proxy(settings, loop_name=loop_name)
+    try:
+        await stop.wait()
+    finally:
+        # Stops listening, lets in-flight scrapes finish within shutdown_timeout, closes the pool.
+        await runner.cleanup()
+        log.info("stopped")
+
+
+def run(main: Callable[[asyncio.Event, str], Coroutine[Any, Any, None]]) -> int:
+    """Run a coroutine on the platform's loop until it ends or a stop signal arrives."""
+    factory, loop_name = loop_factory()
+    with asyncio.Runner(loop_factory=factory) as runner:
+        loop = runner.get_loop()
+        stop = asyncio.Event()
+        signals = StopSignals(loop, stop)
+        signals.install()
+        try:
+            runner.run(main(stop, loop_name))
+        except ConfigError as error:
+            print(f"{PROG}: error: {error}", file=sys.stderr)
+            return EXIT_CONFIG
+        finally:
+            signals.mark_stopped()
+            signals.uninstall()
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    settings.require_upstream()
+    configure_logging(settings.log_level, settings.log_format)
+    return run(lambda stop, loop_name: serve(settings, stop, loop_name=loop_name))
+
+
+def _cmd_fake_exporter(args: argparse.Namespace) -> int:
+    from proxy import fake_exporter
+
+    configure_logging("info", "text")
+    return run(lambda stop, _loop_name: fake_exporter.serve_from_args(args, stop))
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from proxy import demo
+
+    settings = settings_from_args(args)
+    configure_logging(settings.log_level, settings.log_format)
+    return run(lambda stop, loop_name: demo.run_demo(settings, args, stop, loop_name=loop_name))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Expose a Windows node's windows_exporter to Prometheus from a plain pod.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve_parser = commands.add_parser("serve", help="proxy /metrics to the exporter (the default command)")
+    add_settings_flags(serve_parser)
+    serve_parser.set_defaults(func=_cmd_serve)
+
+    from proxy import fake_exporter
+
+    fake = commands.add_parser(
+        "fake-exporter", help="serve a realistic fake windows_exporter for development"
+    )
+    fake_exporter.add_arguments(fake)
+    fake.set_defaults(func=_cmd_fake_exporter)
+
+    demo_parser = commands.add_parser(
+        "demo", help="run the fake exporter and the proxy together on free local ports"
+    )
+    demo_parser.add_argument("--scale", type=int, default=1, help="multiply the fake exporter's series by N")
+    add_settings_flags(demo_parser, skip=("hostip", "port", "listen_address"))
+    demo_parser.set_defaults(func=_cmd_demo, listen_port="0")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    known = {"serve", "fake-exporter", "demo", "-h", "--help", "--version"}
+    if not argv or argv[0] not in known:
+        argv.insert(0, "serve")  # the container runs `python -m proxy` with settings in env
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130

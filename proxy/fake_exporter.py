@@ -1,0 +1,534 @@
+"""A fake windows_exporter: serves a real 0.20.0 capture with scaling, filtering and faults.
+
+It is the upstream for local development, tests and benchmarks, so a benchmark must measure the
+proxy and never this server: every payload variant is rendered (and compressed) once, cached, and
+answered with a single ``Content-Length`` write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import enum
+import functools
+import gzip
+import importlib.resources
+import socket
+import struct
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+__all__ = [
+    "ExporterPayload",
+    "FakeExporter",
+    "Fault",
+    "UnknownCollectorError",
+    "add_arguments",
+    "bound_port",
+    "run_fake_exporter",
+    "serve_from_args",
+]
+
+CAPTURE_NAME = "windows_exporter-0.20.0.prom"
+TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+# The real exporter filters these per collector, so a collect[] scrape must not report the others.
+STATUS_FAMILIES = frozenset(
+    {
+        "windows_exporter_collector_duration_seconds",
+        "windows_exporter_collector_success",
+        "windows_exporter_collector_timeout",
+    }
+)
+SLOW_BODY_PIECES = 16
+VARIANT_CACHE_SIZE = 32
+
+
+class Fault(enum.StrEnum):
+    """Misbehaviours of a Windows node that the proxy must survive."""
+
+    NONE = "none"
+    LATENCY = "latency"
+    SLOW_BODY = "slow_body"
+    RESET = "reset"
+    HANG = "hang"
+    ERROR = "error"
+
+
+class UnknownCollectorError(ValueError):
+    """A collect[] name the capture has no collector for (the real exporter answers 400)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f'collector "{name}" not found')
+        self.name = name
+
+
+@dataclass(frozen=True, slots=True)
+class _Sample:
+    """One sample line, split so a replica label can be added without re-parsing per render."""
+
+    raw: str  # the original line with its newline: copy 0 of the text format is byte-identical
+    name: str
+    labels: str | None  # text between the braces; None when the line has no braces
+    rest: str  # " value [timestamp]\n"
+    collector: str | None  # the `collector` label, only kept for the STATUS_FAMILIES
+
+    def render(self, name: str, replica: int) -> str:
+        if replica == 0:
+            labels = "" if self.labels is None else f"{{{self.labels}}}"
+        elif self.labels:
+            labels = f'{{{self.labels},replica="{replica}"}}'
+        else:
+            labels = f'{{replica="{replica}"}}'
+        return f"{name}{labels}{self.rest}"
+
+
+@dataclass(slots=True)
+class _Family:
+    name: str
+    type: str
+    owner: str | None  # the collector that produces it; None = always served
+    header: str  # HELP/TYPE (and any other comment) lines exactly as captured
+    help: str | None  # unescaped HELP text
+    samples: list[_Sample] = field(default_factory=list)
+
+    def om_header(self) -> str:
+        """client_golang's OpenMetrics header: counters lose `_total`, untyped becomes unknown."""
+        name = self.name
+        if self.type == "counter" and name.endswith("_total"):
+            name = name.removesuffix("_total")
+        lines = []
+        if self.help is not None:
+            escaped = self.help.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+            lines.append(f"# HELP {name} {escaped}\n")
+        om_type = "unknown" if self.type == "untyped" else self.type
+        lines.append(f"# TYPE {name} {om_type}\n")
+        return "".join(lines)
+
+    def om_sample_name(self, sample: _Sample) -> str:
+        if self.type == "counter" and not sample.name.endswith(("_total", "_created")):
+            return f"{sample.name}_total"
+        return sample.name
+
+
+def _unescape_help(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\" and i + 1 < len(text) and text[i + 1] in "\\n":
+            out.append("\n" if text[i + 1] == "n" else "\\")
+            i += 2
+        else:
+            out.append(char)
+            i += 1
+    return "".join(out)
+
+
+def _collector_label(labels: str | None) -> str | None:
+    if not labels:
+        return None
+    start = labels.find('collector="')
+    if start < 0:
+        return None
+    start += len('collector="')
+    return labels[start : labels.index('"', start)]
+
+
+def _split_sample(line: str, family: _Family | None) -> _Sample:
+    brace, space = line.find("{"), line.find(" ")
+    if brace >= 0 and (space < 0 or brace < space):
+        close = line.rindex("}")  # values and timestamps never contain a brace
+        name, labels, rest = line[:brace], line[brace + 1 : close], line[close + 1 :]
+    else:
+        name, labels, rest = line[:space], None, line[space:]
+    in_status = family is not None and family.name in STATUS_FAMILIES
+    collector = _collector_label(labels) if in_status else None
+    return _Sample(line, name, labels, rest, collector)
+
+
+@dataclass
+class ExporterPayload:
+    """The capture parsed into families, rendered into any (collectors, format, scale) variant."""
+
+    source: bytes
+    families: list[_Family]
+    collectors: frozenset[str]
+
+    @classmethod
+    def parse(cls, source: bytes) -> ExporterPayload:
+        text = source.decode("utf-8")
+        lines = [f"{line}\n" for line in text.split("\n")]
+        if text.endswith("\n"):
+            lines.pop()
+        families: list[_Family] = []
+        current: _Family | None = None
+        for line in lines:
+            if line.startswith("#"):
+                parts = line.rstrip("\n").split(" ", 3)
+                keyword = parts[1] if len(parts) > 2 else ""
+                if keyword in ("HELP", "TYPE"):
+                    name = parts[2]
+                    if current is None or current.name != name or current.samples:
+                        current = _Family(name, "untyped", None, "", None)
+                        families.append(current)
+                    if keyword == "HELP":
+                        current.help = _unescape_help(parts[3] if len(parts) > 3 else "")
+                    else:
+                        current.type = parts[3].strip() if len(parts) > 3 else "untyped"
+                if current is not None:
+                    current.header += line
+                continue
+            if not line.strip():
+                continue  # blank lines are legal in 0.0.4; only the scale=1 capture keeps them
+            sample = _split_sample(line, current)
+            if current is None:
+                current = _Family(sample.name, "untyped", None, "", None)
+                families.append(current)
+            current.samples.append(sample)
+
+        collectors = frozenset(
+            s.collector
+            for f in families
+            if f.name == "windows_exporter_collector_success"
+            for s in f.samples
+            if s.collector is not None
+        )
+        # Longest name wins so windows_netframework_clrjit_* is not taken by "net".
+        by_length = sorted(collectors, key=len, reverse=True)
+        for family in families:
+            family.owner = next(
+                (c for c in by_length if family.name.startswith(f"windows_{c}_")), None
+            )
+        return cls(source, families, collectors)
+
+    def select(self, names: list[str]) -> frozenset[str] | None:
+        """Validate collect[] values; None means every collector, like the real exporter."""
+        if not names:
+            return None
+        for name in names:
+            if name not in self.collectors:
+                raise UnknownCollectorError(name)
+        return frozenset(names)
+
+    def render(self, *, collectors: frozenset[str] | None, openmetrics: bool, scale: int) -> bytes:
+        if collectors is None and not openmetrics and scale == 1:
+            return self.source
+        groups: dict[str, list[_Family]] = {}
+        for family in self.families:
+            if (
+                collectors is not None
+                and family.owner is not None
+                and family.owner not in collectors
+            ):
+                continue
+            # OpenMetrics forbids a family appearing twice: merge the capture's duplicate into the
+            # first occurrence. Text 0.0.4 keeps the quirk, as the real exporter sends it.
+            key = family.name if openmetrics else str(len(groups))
+            groups.setdefault(key, []).append(family)
+        out: list[str] = []
+        for group in groups.values():
+            first = group[0]
+            samples = [
+                (family, s)
+                for family in group
+                for s in family.samples
+                if collectors is None or s.collector is None or s.collector in collectors
+            ]
+            if openmetrics:
+                out.append(first.om_header())
+                names = [family.om_sample_name(s) for family, s in samples]
+                for replica in range(scale):
+                    out.extend(
+                        s.render(n, replica) for n, (_, s) in zip(names, samples, strict=True)
+                    )
+            else:
+                out.append(first.header)
+                out.extend(s.raw for _, s in samples)
+                for replica in range(1, scale):
+                    out.extend(s.render(s.name, replica) for _, s in samples)
+        if openmetrics:
+            out.append("# EOF\n")
+        return "".join(out).encode("utf-8")
+
+
+@functools.cache
+def _bundled_payload() -> ExporterPayload:
+    """Parsed once per process: tests and benchmarks build many exporters over the same capture."""
+    source = (importlib.resources.files("proxy") / "data" / CAPTURE_NAME).read_bytes()
+    return ExporterPayload.parse(source)
+
+
+def _params(entry: str) -> tuple[str, float]:
+    """Split one Accept/Accept-Encoding entry into (lower-cased value, q)."""
+    value, *params = (part.strip() for part in entry.split(";"))
+    q = 1.0
+    for param in params:
+        key, _, raw = param.partition("=")
+        if key.strip().lower() == "q":
+            try:
+                q = float(raw)
+            except ValueError:
+                q = 0.0
+    return value.lower(), q
+
+
+@functools.lru_cache(maxsize=64)
+def _wants_openmetrics(accept: str) -> bool:
+    return any(
+        value == "application/openmetrics-text" and q > 0
+        for value, q in map(_params, accept.split(","))
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _wants_gzip(accept_encoding: str) -> bool:
+    return any(value == "gzip" and q > 0 for value, q in map(_params, accept_encoding.split(",")))
+
+
+@dataclass(frozen=True, slots=True)
+class _Variant:
+    body: bytes
+    headers: dict[str, str]
+
+
+class FakeExporter:
+    """windows_exporter's HTTP behaviour with knobs that tests may turn while it is serving."""
+
+    def __init__(
+        self,
+        *,
+        scale: int = 1,
+        max_concurrent: int = 1,
+        fault: Fault = Fault.NONE,
+        latency: float = 1.0,
+        source: bytes | None = None,
+    ) -> None:
+        if scale < 1:
+            raise ValueError("scale must be >= 1")
+        self.payload = _bundled_payload() if source is None else ExporterPayload.parse(source)
+        self.scale = scale
+        self.max_concurrent = max_concurrent
+        self.fault = Fault(fault)
+        self.latency = latency
+        self.scrapes = 0
+        self.served = 0
+        self.rejected = 0
+        self.start_time = int(time.time())
+        self._in_flight = 0
+        self._hanging: set[asyncio.Future[None]] = set()
+        self._pinned: dict[tuple[bool, bool], _Variant] = {}
+        self._cache: OrderedDict[tuple[frozenset[str], bool, bool], _Variant] = OrderedDict()
+        # Full scrapes are what benchmarks hit: build them now, never on a measured request.
+        for openmetrics in (False, True):
+            body = self.payload.render(collectors=None, openmetrics=openmetrics, scale=scale)
+            for compress in (False, True):
+                self._pinned[openmetrics, compress] = self._wrap(body, openmetrics, compress)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/health", self._health)
+        app.on_shutdown.append(self._release_hanging)
+        return app
+
+    def _wrap(self, body: bytes, openmetrics: bool, compress: bool) -> _Variant:
+        headers = {
+            "Content-Type": OPENMETRICS_CONTENT_TYPE if openmetrics else TEXT_CONTENT_TYPE,
+            "Vary": "Accept-Encoding",
+            "Process-Start-Time-Unix": str(self.start_time),
+        }
+        if compress:
+            body = gzip.compress(body, compresslevel=6, mtime=0)
+            headers["Content-Encoding"] = "gzip"
+        return _Variant(body, headers)
+
+    def variant(
+        self, collectors: frozenset[str] | None, *, openmetrics: bool, compress: bool
+    ) -> _Variant:
+        if collectors is None:
+            return self._pinned[openmetrics, compress]
+        key = (collectors, openmetrics, compress)
+        if (cached := self._cache.get(key)) is not None:
+            self._cache.move_to_end(key)
+            return cached
+        body = self.payload.render(collectors=collectors, openmetrics=openmetrics, scale=self.scale)
+        self._cache[key] = built = self._wrap(body, openmetrics, compress)
+        if len(self._cache) > VARIANT_CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return built
+
+    def _text(self, status: int, text: str) -> web.Response:
+        headers = {"Process-Start-Time-Unix": str(self.start_time)}
+        return web.Response(status=status, text=text, headers=headers)
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        self.scrapes += 1
+        fault = self.fault
+        if "fault" in request.query:
+            try:
+                fault = Fault(request.query["fault"])
+            except ValueError:
+                return self._text(400, f'unknown fault "{request.query["fault"]}"\n')
+        try:
+            collectors = self.payload.select(request.query.getall("collect[]", []))
+        except UnknownCollectorError as exc:
+            return self._text(400, f"couldn't create filtered metrics handler: {exc}\n")
+        limit = self.max_concurrent
+        if limit and self._in_flight >= limit:
+            self.rejected += 1
+            return self._text(
+                503, f"Limit of concurrent requests reached ({limit}), try again later.\n"
+            )
+        self._in_flight += 1
+        try:
+            return await self._answer(request, fault, collectors)
+        finally:
+            self._in_flight -= 1
+
+    async def _answer(
+        self, request: web.Request, fault: Fault, collectors: frozenset[str] | None
+    ) -> web.StreamResponse:
+        if fault is Fault.ERROR:
+            return self._text(500, "fake windows_exporter: injected error\n")
+        if fault is Fault.HANG:
+            await self._hang(request)
+        if fault is Fault.LATENCY:
+            await asyncio.sleep(self.latency)
+        variant = self.variant(
+            collectors,
+            openmetrics=_wants_openmetrics(request.headers.get("Accept", "")),
+            compress=_wants_gzip(request.headers.get("Accept-Encoding", "")),
+        )
+        if fault is Fault.SLOW_BODY:
+            return await self._slow_body(request, variant)
+        if fault is Fault.RESET:
+            return await self._reset(request, variant)
+        self.served += 1
+        return web.Response(body=variant.body, headers=variant.headers)
+
+    async def _hang(self, request: web.Request) -> None:
+        """Never answer; at shutdown drop the connection so the runner need not time out."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._hanging.add(future)
+        try:
+            await future
+        finally:
+            self._hanging.discard(future)
+        if request.transport is not None:
+            request.transport.abort()
+        raise ConnectionResetError("fake windows_exporter shut down during a hang")
+
+    async def _release_hanging(self, _app: web.Application) -> None:
+        for future in list(self._hanging):
+            if not future.done():
+                future.set_result(None)
+
+    async def _slow_body(self, request: web.Request, variant: _Variant) -> web.StreamResponse:
+        response = web.StreamResponse(headers=variant.headers)
+        response.content_length = len(variant.body)
+        await response.prepare(request)
+        body = variant.body
+        step = -(-len(body) // SLOW_BODY_PIECES)
+        for offset in range(0, len(body), step):
+            if offset:
+                await asyncio.sleep(self.latency / SLOW_BODY_PIECES)
+            await response.write(body[offset : offset + step])
+        await response.write_eof()
+        self.served += 1
+        return response
+
+    async def _reset(self, request: web.Request, variant: _Variant) -> web.StreamResponse:
+        """Promise the full body, deliver half, then RST: the truncation the proxy must detect."""
+        response = web.StreamResponse(headers=variant.headers)
+        response.content_length = len(variant.body)
+        await response.prepare(request)
+        await response.write(variant.body[: len(variant.body) // 2])
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("client went away before the injected reset")
+        # abort() discards what is still buffered in user space; a client that stops reading
+        # must not keep this handler alive, hence the bounded wait (about one second).
+        for _ in range(1000):
+            if not transport.get_write_buffer_size():
+                break
+            await asyncio.sleep(0.001)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+        raise ConnectionResetError("fake windows_exporter: injected reset")
+
+    async def _health(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+
+async def run_fake_exporter(exporter: FakeExporter, host: str, port: int) -> web.AppRunner:
+    """Start listening; the caller owns the runner and must `await runner.cleanup()`."""
+    runner = web.AppRunner(exporter.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024)
+    await site.start()
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    """The port actually bound, needed when run_fake_exporter was asked for port 0."""
+    return int(runner.addresses[0][1])
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return number
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen-address", default="127.0.0.1", help="default: %(default)s")
+    parser.add_argument("--listen-port", type=int, default=9182, help="0 = any free port")
+    parser.add_argument(
+        "--scale", type=_positive_int, default=1, help="multiply every series N times"
+    )
+    parser.add_argument("--max-concurrent", type=_non_negative_int, default=1, help="0 = unlimited")
+    parser.add_argument("--fault", choices=[f.value for f in Fault], default=Fault.NONE.value)
+    parser.add_argument(
+        "--latency", type=_non_negative_float, default=1.0, help="seconds, for latency/slow_body"
+    )
+
+
+async def serve_from_args(args: argparse.Namespace, stop: asyncio.Event) -> None:
+    exporter = FakeExporter(
+        scale=args.scale,
+        max_concurrent=args.max_concurrent,
+        fault=Fault(args.fault),
+        latency=args.latency,
+    )
+    runner = await run_fake_exporter(exporter, args.listen_address, args.listen_port)
+    try:
+        host = args.listen_address
+        if ":" in host:
+            host = f"[{host}]"
+        print(
+            f"fake windows_exporter listening on http://{host}:{bound_port(runner)}/metrics",
+            flush=True,
+        )
+        await stop.wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,114 @@
+"""The proxy's own metrics, served on /proxy/metrics.
+
+A registry per app instead of prometheus-client's global one, so tests (and the demo) can run
+several proxies in one process without their counters mixing.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.exposition import choose_encoder
+
+from proxy import __version__
+
+PREFIX = "windows_metrics_proxy"
+
+# Upstream outcomes, one label value each; README's failure table lists them.
+OUTCOMES = (
+    "success",  # 2xx, body complete
+    "http_error",  # the exporter answered non-2xx; passed through
+    "resolve_error",  # the host name did not resolve
+    "connect_error",  # refused, unreachable, or the connection failed before any byte
+    "connect_timeout",  # no connection within PROXY_CONNECT_TIMEOUT
+    "header_timeout",  # the deadline passed before the response headers
+    "protocol_error",  # the exporter's answer was not valid HTTP
+    "body_timeout",  # the deadline passed mid-body; the client connection was aborted
+    "body_error",  # the body broke off mid-way; the client connection was aborted
+    "cancelled",  # every scraper went away before the response was complete
+)
+
+# Scrape latencies of a windows_exporter sit between tens of milliseconds and the timeout.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Telemetry:
+    """All self-metrics in one place, created once per app."""
+
+    def __init__(self, *, loop_name: str = "asyncio") -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        Info(
+            f"{PREFIX}_build",
+            "Build and runtime of the proxy.",
+            registry=r,
+        ).info(
+            {
+                "version": __version__,
+                "python": platform.python_version(),
+                "platform": sys.platform,
+                "loop": loop_name,
+            }
+        )
+        self.upstream_requests = Counter(
+            f"{PREFIX}_upstream_requests",
+            "Requests made to the exporter, by how they ended.",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in OUTCOMES:
+            self.upstream_requests.labels(outcome)
+        self.upstream_first_byte = Histogram(
+            f"{PREFIX}_upstream_first_byte_seconds",
+            "Time from sending the upstream request to its response headers.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_last_byte = Histogram(
+            f"{PREFIX}_upstream_last_byte_seconds",
+            "Time from sending the upstream request to the last byte of its body.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.bytes_served = Counter(
+            f"{PREFIX}_served_bytes",
+            "Body bytes written to scrapers on /metrics.",
+            registry=r,
+        )
+        self.scrapes_in_flight = Gauge(
+            f"{PREFIX}_scrapes_in_flight",
+            "Scrapes of /metrics being served right now.",
+            registry=r,
+        )
+        self.scrapes = Counter(
+            f"{PREFIX}_scrapes",
+            "Scrapes of /metrics received.",
+            registry=r,
+        )
+        self.coalesced_scrapes = Counter(
+            f"{PREFIX}_coalesced_scrapes",
+            "Scrapes served from another scrape's upstream request instead of a new one.",
+            registry=r,
+        )
+        self.client_aborts = Counter(
+            f"{PREFIX}_client_aborts",
+            "Scraper connections aborted on purpose because the upstream body broke off.",
+            registry=r,
+        )
+
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        """Serialize in the format the scraper prefers (OpenMetrics or text 0.0.4)."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type

@@ -1,0 +1,70 @@
+"""Shared fixtures: a fake exporter and a proxy in front of it, both on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from proxy.app import create_app
+from proxy.fake_exporter import FakeExporter
+from proxy.settings import load_settings
+from proxy.telemetry import Telemetry
+
+LOOPBACK = "127.0.0.1"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_binary(name: str) -> str:
+    """Path of a real tool the test drives; under CI=true its absence fails the test, else skips."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} not found (install Debian's prometheus package; `make test` does as root)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def fake() -> FakeExporter:
+    return FakeExporter()
+
+
+@pytest.fixture
+async def fake_server(aiohttp_server: Callable[..., Awaitable[TestServer]], fake: FakeExporter) -> TestServer:
+    return await aiohttp_server(fake.app(), host=LOOPBACK)
+
+
+ProxyFactory = Callable[..., Awaitable[TestClient]]
+
+
+@pytest.fixture
+def make_proxy(aiohttp_client: Callable[..., Awaitable[TestClient]]) -> ProxyFactory:
+    """Build a proxy client for given settings; `port` defaults to nothing in particular."""
+
+    async def factory(*, resolver: Any = None, **settings: Any) -> TestClient:
+        settings.setdefault("hostip", LOOPBACK)
+        values = load_settings(**{k: str(v) if not isinstance(v, bool) else v for k, v in settings.items()})
+        app: web.Application = create_app(values, telemetry=Telemetry(), resolver=resolver)
+        return await aiohttp_client(app, server_kwargs={"host": LOOPBACK})
+
+    return factory
+
+
+@pytest.fixture
+async def proxy(make_proxy: ProxyFactory, fake_server: TestServer) -> TestClient:
+    return await make_proxy(port=fake_server.port)
+
+
+@pytest.fixture(autouse=True)
+def _clean_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings read PROXY_* from the environment; a developer's shell must not leak into tests."""
+    for name in list(os.environ):
+        if name.startswith("PROXY_"):
+            monkeypatch.delenv(name)
