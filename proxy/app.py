@@ -54,6 +54,7 @@ class MetricsProxy:
         self.upstream = upstream
         self.telemetry = telemetry
         self.flights = Flights(settings.coalesce_buffer_bytes)
+        self._background: set[asyncio.Task[None]] = set()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         t = self.telemetry
@@ -72,85 +73,105 @@ class MetricsProxy:
             if flight is not None:
                 t.coalesced_scrapes.inc()
                 return await self._follow(request, flight)
-            flight = self.flights.start(key)
-            error: BaseException | None = None
-            try:
-                return await self._lead(request, flight)
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                self.flights.end(key, flight, error)
+            return await self._lead(request, self.flights.start(key))
         finally:
             t.scrapes_in_flight.dec()
 
     async def _lead(self, request: web.Request, flight: Flight | None) -> web.StreamResponse:
         """Ask the exporter and stream its answer to this scraper and to any followers."""
-        t = self.telemetry
-        deadline = self.upstream.deadline(request.headers.get(SCRAPE_TIMEOUT_HEADER))
-        started = time.perf_counter()
+        handed_off = False
         try:
-            upstream = await self.upstream.request(
-                request.method, request.rel_url.raw_query_string, request.headers, deadline
-            )
-        except UpstreamFailure as failure:
-            self._count(failure.outcome, failure.reason, log_level=logging.WARNING)
-            text = f"{failure.status} {failure.reason} (upstream {self.upstream.url})"
+            deadline = self.upstream.deadline(request.headers.get(SCRAPE_TIMEOUT_HEADER))
+            started = time.perf_counter()
+            try:
+                upstream = await self.upstream.request(
+                    request.method, request.rel_url.raw_query_string, request.headers, deadline
+                )
+            except UpstreamFailure as failure:
+                self._count(failure.outcome, failure.reason, log_level=logging.WARNING)
+                text = f"{failure.status} {failure.reason} (upstream {self.upstream.url})"
+                if flight is not None:
+                    flight.set_head(Refusal(failure.status, text))
+                return _text(failure.status, text)
+            self.telemetry.upstream_first_byte.observe(time.perf_counter() - started)
+
+            head = Head(upstream.status, tuple(response_headers(upstream.headers)))
             if flight is not None:
-                flight.set_head(Refusal(failure.status, text))
-            return _text(failure.status, text)
-        t.upstream_first_byte.observe(time.perf_counter() - started)
+                flight.set_head(head)
+            response = self._start_response(head)
+            try:
+                await response.prepare(request)
+                client: web.Request | None = request
+            except (ConnectionError, RuntimeError):
+                client = None
+            try:
+                await self._pump(upstream, flight, client, response, deadline, started)
+            except asyncio.CancelledError:
+                # This scraper's handler was cancelled (it hung up, or the server is stopping).
+                # Followers still want the body: finish it for them in the background.
+                if flight is not None and flight.has_followers:
+                    task = asyncio.create_task(self._pump(upstream, flight, None, None, deadline, started))
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
+                    handed_off = True
+                else:
+                    upstream.close()
+                    self._count("cancelled", "the scraper went away mid-body")
+                raise
+            return response
+        finally:
+            if flight is not None and not handed_off:
+                self.flights.end(flight)
 
-        head = Head(upstream.status, tuple(response_headers(upstream.headers)))
-        if flight is not None:
-            flight.set_head(head)
-        response = self._start_response(head)
-        client_alive = True
-        try:
-            await response.prepare(request)
-        except (ConnectionError, RuntimeError):
-            client_alive = False
-
+    async def _pump(
+        self,
+        upstream: aiohttp.ClientResponse,
+        flight: Flight | None,
+        client: web.Request | None,
+        response: web.StreamResponse | None,
+        deadline: float,
+        started: float,
+    ) -> None:
+        """Move the body from the exporter to the scraper (if still there) and the followers."""
+        t = self.telemetry
         served = 0
         content = upstream.content
         try:
-            while True:
-                chunk = await content.readany()
-                if not chunk:
-                    break
+            while chunk := await content.readany():
                 if flight is not None:
                     flight.publish(chunk)
-                if client_alive:
+                if client is not None and response is not None:
                     try:
                         await response.write(chunk)
                         served += len(chunk)
                     except (ConnectionError, RuntimeError):
-                        client_alive = False
-                if not client_alive and (flight is None or not flight.has_followers):
+                        client = None
+                if client is None and (flight is None or not flight.has_followers):
                     upstream.close()
                     self._count("cancelled", "every scraper went away mid-body")
-                    return response
-        except asyncio.CancelledError:
-            upstream.close()
-            raise
+                    if flight is not None:
+                        self.flights.end(flight)
+                    return
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             upstream.close()
             outcome, reason = body_failure(exc, deadline)
             self._count(outcome, reason, log_level=logging.WARNING)
             if flight is not None:
-                flight.finish(exc)
-            t.client_aborts.inc()
+                self.flights.end(flight, exc)
+            if client is not None:
+                t.client_aborts.inc()
+                _abort(client)
+            return
+        finally:
             t.bytes_served.inc(served)
-            _abort(request)
-            return response
         upstream.release()
+        if flight is not None:
+            self.flights.end(flight)
         t.upstream_last_byte.observe(time.perf_counter() - started)
-        t.bytes_served.inc(served)
         if 200 <= upstream.status < 300:
             self._count("success", None)
         else:
             self._count("http_error", f"exporter answered {upstream.status}", log_level=logging.INFO)
-        return response
 
     async def _follow(self, request: web.Request, flight: Flight) -> web.StreamResponse:
         """Serve another scrape's upstream answer, replaying what already went by."""

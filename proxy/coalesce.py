@@ -85,7 +85,8 @@ class Follower:
 class Flight:
     """One upstream exchange in progress, which followers may join until it ends or grows too big."""
 
-    def __init__(self, replay_limit: int) -> None:
+    def __init__(self, key: Hashable, replay_limit: int) -> None:
+        self.key = key
         self.head: asyncio.Future[Head | Refusal] = asyncio.get_running_loop().create_future()
         self._replay: list[bytes] | None = []
         self._replay_bytes = 0
@@ -155,14 +156,15 @@ class Flights:
         return flight if flight is not None and flight.joinable else None
 
     def start(self, key: Hashable) -> Flight:
-        flight = Flight(self._replay_limit)
+        flight = Flight(key, self._replay_limit)
         self._flights[key] = flight
         return flight
 
-    def end(self, key: Hashable, flight: Flight, error: BaseException | None = None) -> None:
+    def end(self, flight: Flight, error: BaseException | None = None) -> None:
+        """Finish the flight (idempotent) and stop offering it to new scrapes."""
         flight.finish(error)
-        if self._flights.get(key) is flight:
-            del self._flights[key]
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
 
     def __len__(self) -> int:
         return len(self._flights)

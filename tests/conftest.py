@@ -52,7 +52,10 @@ def make_proxy(aiohttp_client: Callable[..., Awaitable[TestClient]]) -> ProxyFac
         settings.setdefault("hostip", LOOPBACK)
         values = load_settings(**{k: str(v) if not isinstance(v, bool) else v for k, v in settings.items()})
         app: web.Application = create_app(values, telemetry=Telemetry(), resolver=resolver)
-        return await aiohttp_client(app, server_kwargs={"host": LOOPBACK})
+        # Like curl, and unlike aiohttp's default, ask for an uncompressed body unless a test says so.
+        return await aiohttp_client(
+            app, server_kwargs={"host": LOOPBACK}, skip_auto_headers=("Accept-Encoding",)
+        )
 
     return factory
 

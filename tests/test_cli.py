@@ -1,0 +1,186 @@
+"""The command line as a user runs it: real processes, real signals, loopback only."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import aiohttp
+import pytest
+
+from proxy.fake_exporter import FakeExporter, Fault, bound_port, run_fake_exporter
+from tests.conftest import LOOPBACK
+from tests.test_app import free_port
+
+PYTHON = sys.executable
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}
+    return subprocess.run(
+        [PYTHON, "-m", "proxy", *args],
+        env={**clean, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        ((), {}, "PROXY_HOSTIP (--hostip): required"),
+        ((), {"PROXY_HOSTIP": "127.0.0.1", "PROXY_PORT": "0"}, "PROXY_PORT"),
+        (("--hostip", "127.0.0.1", "--port", "99999"), {}, "--port (PROXY_PORT)"),
+        ((), {"PROXY_HOSTIP": "127.0.0.1", "PROXY_SCRAPE_TIMEOUT": "ten"}, "PROXY_SCRAPE_TIMEOUT"),
+        (("serve", "--hostip", "not a host"), {}, "--hostip (PROXY_HOSTIP)"),
+    ],
+)
+def test_bad_configuration_exits_non_zero_with_one_line(
+    args: tuple[str, ...], env: dict[str, str], needle: str
+) -> None:
+    result = run_cli(*args, env=env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert needle in lines[0]
+    assert lines[0].startswith("windows-metrics-proxy: error: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_port_in_use_is_a_one_line_error() -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind((LOOPBACK, 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("--hostip", LOOPBACK, "--listen-address", LOOPBACK, "--listen-port", str(port))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_every_setting_is_a_flag() -> None:
+    result = run_cli("serve", "--help")
+    from proxy.settings import Settings, flag_name
+
+    for name in Settings.model_fields:
+        assert flag_name(name) in result.stdout
+
+
+def test_version() -> None:
+    from proxy import __version__
+
+    assert run_cli("--version").stdout.strip() == f"windows-metrics-proxy {__version__}"
+
+
+def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}
+    return subprocess.Popen(
+        [PYTHON, "-m", "proxy", *args],
+        env={**clean, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=10)
+
+
+async def wait_listening(port: int, limit: float = 10.0) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            _, writer = await asyncio.open_connection(LOOPBACK, port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        return
+    raise AssertionError(f"nothing listening on {port} after {limit}s")
+
+
+async def test_sigterm_lets_an_in_flight_scrape_finish(processes: list[subprocess.Popen[str]]) -> None:
+    fake = FakeExporter(fault=Fault.LATENCY, latency=0.8)
+    runner = await run_fake_exporter(fake, LOOPBACK, 0)
+    try:
+        port = free_port()
+        proxy = start(
+            "--hostip", LOOPBACK, "--port", str(bound_port(runner)),
+            "--listen-address", LOOPBACK, "--listen-port", str(port),
+            env={"PROXY_LOG_FORMAT": "json"},
+        )  # fmt: skip
+        processes.append(proxy)
+        await wait_listening(port)
+        async with aiohttp.ClientSession() as session:
+            scrape = asyncio.ensure_future(session.get(f"http://{LOOPBACK}:{port}/metrics"))
+            await asyncio.sleep(0.3)  # the scrape is waiting on the exporter
+            proxy.send_signal(signal.SIGTERM)
+            response = await scrape
+            body = await response.read()
+        assert response.status == 200
+        assert len(body) == 265_813
+        _, stderr = await asyncio.to_thread(proxy.communicate, timeout=10)
+        assert proxy.returncode == 0, stderr
+        assert '"signal": "SIGTERM"' in stderr
+        assert '"msg": "stopped"' in stderr
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection(LOOPBACK, port)
+    finally:
+        await runner.cleanup()
+
+
+async def test_demo_serves_and_stops_on_ctrl_c(processes: list[subprocess.Popen[str]]) -> None:
+    demo = start("demo")
+    processes.append(demo)
+    assert demo.stdout is not None
+    lines: list[str] = []
+    while not any(line.startswith("proxy:") for line in lines):
+        line = await asyncio.wait_for(asyncio.to_thread(demo.stdout.readline), timeout=20)
+        assert line, "demo exited early"
+        lines.append(line)
+    proxy_url = re.search(r"proxy:\s+(\S+)", "".join(lines))
+    exporter_url = re.search(r"fake windows_exporter:\s+(\S+)", "".join(lines))
+    assert proxy_url
+    assert exporter_url
+    assert proxy_url.group(1).startswith("http://127.0.0.1:")
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy_url.group(1)) as r:
+            via_proxy = await r.read()
+        async with session.get(exporter_url.group(1)) as r:
+            direct = await r.read()
+    assert via_proxy == direct
+    assert b"windows_cpu_time_total" in via_proxy
+    demo.send_signal(signal.SIGINT)
+    _, stderr = await asyncio.to_thread(demo.communicate, timeout=10)
+    assert demo.returncode == 0, stderr
+    assert "Traceback" not in stderr
+
+
+async def test_fake_exporter_command(processes: list[subprocess.Popen[str]]) -> None:
+    port = free_port()
+    fake = start("fake-exporter", "--listen-port", str(port), "--scale", "2")
+    processes.append(fake)
+    await wait_listening(port)
+    async with aiohttp.ClientSession() as session, session.get(f"http://{LOOPBACK}:{port}/metrics") as r:
+        body = await r.read()
+    assert b'replica="1"' in body
+    fake.send_signal(signal.SIGTERM)
+    await asyncio.to_thread(fake.communicate, timeout=10)
+    assert fake.returncode == 0
