@@ -86,3 +86,13 @@ def test_missing_hostip_is_reported_only_when_serving() -> None:
 def test_every_setting_has_a_description() -> None:
     for name, field in Settings.model_fields.items():
         assert field.description, name
+
+
+def test_readme_documents_every_setting() -> None:
+    from pathlib import Path
+
+    from proxy.settings import env_name, flag_name
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for name in Settings.model_fields:
+        assert f"| `{env_name(name)}` | `{flag_name(name)}" in readme, name
