@@ -13,10 +13,12 @@ import enum
 import functools
 import gzip
 import importlib.resources
+import re
 import socket
 import struct
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -44,6 +46,8 @@ STATUS_FAMILIES = frozenset(
     }
 )
 SLOW_BODY_PIECES = 16
+# Pauses of in-flight faults, per application, so that its shutdown can cut them short.
+PAUSES = web.AppKey("fake_exporter_pauses", set[asyncio.Future[bool]])
 VARIANT_CACHE_SIZE = 32
 
 
@@ -64,6 +68,10 @@ class UnknownCollectorError(ValueError):
     def __init__(self, name: str) -> None:
         super().__init__(f'collector "{name}" not found')
         self.name = name
+
+
+class _ConnectionDropped(Exception):
+    """The handler aborted its connection on purpose; there is nobody left to answer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,51 +98,53 @@ class _Sample:
 class _Family:
     name: str
     type: str
-    owner: str | None  # the collector that produces it; None = always served
-    header: str  # HELP/TYPE (and any other comment) lines exactly as captured
-    help: str | None  # unescaped HELP text
+    owner: str | None = None  # the collector that produces it; None = always served
+    header: str = ""  # HELP/TYPE (and any other comment) lines exactly as captured
+    help: str | None = None  # unescaped HELP text
     samples: list[_Sample] = field(default_factory=list)
+    om_name: str = ""
+    om_type: str = ""
+
+    def name_for_openmetrics(self, names: set[str]) -> None:
+        """Decide the OpenMetrics family name and type the way client_golang does.
+
+        client_golang strips `_total` from counter families, which makes `go_memstats_alloc_bytes`
+        (gauge) and `go_memstats_alloc_bytes_total` (counter) one name: strict parsers reject
+        that, so such a counter is served as `unknown` under its full name instead.
+        """
+        self.om_name, self.om_type = self.name, "unknown" if self.type == "untyped" else self.type
+        if self.type == "counter":
+            base = self.name.removesuffix("_total")
+            if (base != self.name and base in names) or f"{self.name}_total" in names:
+                self.om_type = "unknown"
+            else:
+                self.om_name = base
 
     def om_header(self) -> str:
-        """client_golang's OpenMetrics header: counters lose `_total`, untyped becomes unknown."""
-        name = self.name
-        if self.type == "counter" and name.endswith("_total"):
-            name = name.removesuffix("_total")
         lines = []
         if self.help is not None:
             escaped = self.help.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-            lines.append(f"# HELP {name} {escaped}\n")
-        om_type = "unknown" if self.type == "untyped" else self.type
-        lines.append(f"# TYPE {name} {om_type}\n")
+            lines.append(f"# HELP {self.om_name} {escaped}\n")
+        lines.append(f"# TYPE {self.om_name} {self.om_type}\n")
         return "".join(lines)
 
     def om_sample_name(self, sample: _Sample) -> str:
-        if self.type == "counter" and not sample.name.endswith(("_total", "_created")):
+        if self.om_type == "counter" and not sample.name.endswith("_total"):
             return f"{sample.name}_total"
         return sample.name
 
 
+_HELP_ESCAPE = re.compile(r"\\([\\n])")
+_COLLECTOR_LABEL = re.compile(r'(?:^|,)collector="((?:[^"\\]|\\.)*)"')
+
+
 def _unescape_help(text: str) -> str:
-    out, i = [], 0
-    while i < len(text):
-        char = text[i]
-        if char == "\\" and i + 1 < len(text) and text[i + 1] in "\\n":
-            out.append("\n" if text[i + 1] == "n" else "\\")
-            i += 2
-        else:
-            out.append(char)
-            i += 1
-    return "".join(out)
+    return _HELP_ESCAPE.sub(lambda m: "\n" if m[1] == "n" else "\\", text)
 
 
 def _collector_label(labels: str | None) -> str | None:
-    if not labels:
-        return None
-    start = labels.find('collector="')
-    if start < 0:
-        return None
-    start += len('collector="')
-    return labels[start : labels.index('"', start)]
+    match = _COLLECTOR_LABEL.search(labels or "")
+    return match[1] if match else None
 
 
 def _split_sample(line: str, family: _Family | None) -> _Sample:
@@ -151,7 +161,11 @@ def _split_sample(line: str, family: _Family | None) -> _Sample:
 
 @dataclass
 class ExporterPayload:
-    """The capture parsed into families, rendered into any (collectors, format, scale) variant."""
+    """The capture parsed into families, rendered into any (collectors, format, scale) variant.
+
+    Parsing keeps each sample's original line so that text output stays byte-identical to the
+    capture; sample timestamps (the capture has none) are passed through as they are.
+    """
 
     source: bytes
     families: list[_Family]
@@ -172,7 +186,7 @@ class ExporterPayload:
                 if keyword in ("HELP", "TYPE"):
                     name = parts[2]
                     if current is None or current.name != name or current.samples:
-                        current = _Family(name, "untyped", None, "", None)
+                        current = _Family(name, "untyped")
                         families.append(current)
                     if keyword == "HELP":
                         current.help = _unescape_help(parts[3] if len(parts) > 3 else "")
@@ -185,7 +199,7 @@ class ExporterPayload:
                 continue  # blank lines are legal in 0.0.4; only the scale=1 capture keeps them
             sample = _split_sample(line, current)
             if current is None:
-                current = _Family(sample.name, "untyped", None, "", None)
+                current = _Family(sample.name, "untyped")
                 families.append(current)
             current.samples.append(sample)
 
@@ -198,10 +212,10 @@ class ExporterPayload:
         )
         # Longest name wins so windows_netframework_clrjit_* is not taken by "net".
         by_length = sorted(collectors, key=len, reverse=True)
+        names = {family.name for family in families}
         for family in families:
-            family.owner = next(
-                (c for c in by_length if family.name.startswith(f"windows_{c}_")), None
-            )
+            family.name_for_openmetrics(names)
+            family.owner = next((c for c in by_length if family.name.startswith(f"windows_{c}_")), None)
         return cls(source, families, collectors)
 
     def select(self, names: list[str]) -> frozenset[str] | None:
@@ -216,39 +230,36 @@ class ExporterPayload:
     def render(self, *, collectors: frozenset[str] | None, openmetrics: bool, scale: int) -> bytes:
         if collectors is None and not openmetrics and scale == 1:
             return self.source
-        groups: dict[str, list[_Family]] = {}
-        for family in self.families:
-            if (
-                collectors is not None
-                and family.owner is not None
-                and family.owner not in collectors
-            ):
+        groups: dict[str, tuple[_Family, list[_Sample]]] = {}
+        for index, family in enumerate(self.families):
+            if collectors is not None and family.owner not in (None, *collectors):
                 continue
-            # OpenMetrics forbids a family appearing twice: merge the capture's duplicate into the
-            # first occurrence. Text 0.0.4 keeps the quirk, as the real exporter sends it.
-            key = family.name if openmetrics else str(len(groups))
-            groups.setdefault(key, []).append(family)
-        out: list[str] = []
-        for group in groups.values():
-            first = group[0]
             samples = [
-                (family, s)
-                for family in group
+                s
                 for s in family.samples
                 if collectors is None or s.collector is None or s.collector in collectors
             ]
+            # Text 0.0.4 keeps the capture's duplicated family where it is, as the real exporter
+            # sends it. OpenMetrics forbids a family appearing twice or a series repeating, so
+            # the later occurrence is merged into the first, without series already there.
+            if not openmetrics or family.name not in groups:
+                groups[family.name if openmetrics else str(index)] = (family, samples)
+                continue
+            merged = groups[family.name][1]
+            seen = {(s.name, s.labels) for s in merged}
+            merged.extend(s for s in samples if (s.name, s.labels) not in seen)
+        out: list[str] = []
+        for family, samples in groups.values():
             if openmetrics:
-                out.append(first.om_header())
-                names = [family.om_sample_name(s) for family, s in samples]
+                out.append(family.om_header())
+                names = [family.om_sample_name(s) for s in samples]
                 for replica in range(scale):
-                    out.extend(
-                        s.render(n, replica) for n, (_, s) in zip(names, samples, strict=True)
-                    )
+                    out.extend(s.render(n, replica) for n, s in zip(names, samples, strict=True))
             else:
-                out.append(first.header)
-                out.extend(s.raw for _, s in samples)
+                out.append(family.header)
+                out.extend(s.raw for s in samples)
                 for replica in range(1, scale):
-                    out.extend(s.render(s.name, replica) for _, s in samples)
+                    out.extend(s.render(s.name, replica) for s in samples)
         if openmetrics:
             out.append("# EOF\n")
         return "".join(out).encode("utf-8")
@@ -278,8 +289,7 @@ def _params(entry: str) -> tuple[str, float]:
 @functools.lru_cache(maxsize=64)
 def _wants_openmetrics(accept: str) -> bool:
     return any(
-        value == "application/openmetrics-text" and q > 0
-        for value, q in map(_params, accept.split(","))
+        value == "application/openmetrics-text" and q > 0 for value, q in map(_params, accept.split(","))
     )
 
 
@@ -318,7 +328,6 @@ class FakeExporter:
         self.rejected = 0
         self.start_time = int(time.time())
         self._in_flight = 0
-        self._hanging: set[asyncio.Future[None]] = set()
         self._pinned: dict[tuple[bool, bool], _Variant] = {}
         self._cache: OrderedDict[tuple[frozenset[str], bool, bool], _Variant] = OrderedDict()
         # Full scrapes are what benchmarks hit: build them now, never on a measured request.
@@ -329,9 +338,10 @@ class FakeExporter:
 
     def app(self) -> web.Application:
         app = web.Application()
+        app[PAUSES] = set()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/health", self._health)
-        app.on_shutdown.append(self._release_hanging)
+        app.on_shutdown.append(_interrupt_pauses)
         return app
 
     def _wrap(self, body: bytes, openmetrics: bool, compress: bool) -> _Variant:
@@ -345,9 +355,7 @@ class FakeExporter:
             headers["Content-Encoding"] = "gzip"
         return _Variant(body, headers)
 
-    def variant(
-        self, collectors: frozenset[str] | None, *, openmetrics: bool, compress: bool
-    ) -> _Variant:
+    def variant(self, collectors: frozenset[str] | None, *, openmetrics: bool, compress: bool) -> _Variant:
         if collectors is None:
             return self._pinned[openmetrics, compress]
         key = (collectors, openmetrics, compress)
@@ -379,12 +387,13 @@ class FakeExporter:
         limit = self.max_concurrent
         if limit and self._in_flight >= limit:
             self.rejected += 1
-            return self._text(
-                503, f"Limit of concurrent requests reached ({limit}), try again later.\n"
-            )
+            return self._text(503, f"Limit of concurrent requests reached ({limit}), try again later.\n")
         self._in_flight += 1
         try:
             return await self._answer(request, fault, collectors)
+        except _ConnectionDropped:
+            # aiohttp only fails to send this (quietly); raising would log a traceback as ERROR.
+            return web.Response(status=499)
         finally:
             self._in_flight -= 1
 
@@ -394,37 +403,21 @@ class FakeExporter:
         if fault is Fault.ERROR:
             return self._text(500, "fake windows_exporter: injected error\n")
         if fault is Fault.HANG:
-            await self._hang(request)
+            await _pause(request, None)
         if fault is Fault.LATENCY:
-            await asyncio.sleep(self.latency)
+            await _pause(request, self.latency)
         variant = self.variant(
             collectors,
             openmetrics=_wants_openmetrics(request.headers.get("Accept", "")),
             compress=_wants_gzip(request.headers.get("Accept-Encoding", "")),
         )
-        if fault is Fault.SLOW_BODY:
+        # Body faults need a body: a HEAD answer must not carry one, so it is served normally.
+        if fault is Fault.SLOW_BODY and request.method != "HEAD":
             return await self._slow_body(request, variant)
-        if fault is Fault.RESET:
+        if fault is Fault.RESET and request.method != "HEAD":
             return await self._reset(request, variant)
         self.served += 1
         return web.Response(body=variant.body, headers=variant.headers)
-
-    async def _hang(self, request: web.Request) -> None:
-        """Never answer; at shutdown drop the connection so the runner need not time out."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._hanging.add(future)
-        try:
-            await future
-        finally:
-            self._hanging.discard(future)
-        if request.transport is not None:
-            request.transport.abort()
-        raise ConnectionResetError("fake windows_exporter shut down during a hang")
-
-    async def _release_hanging(self, _app: web.Application) -> None:
-        for future in list(self._hanging):
-            if not future.done():
-                future.set_result(None)
 
     async def _slow_body(self, request: web.Request, variant: _Variant) -> web.StreamResponse:
         response = web.StreamResponse(headers=variant.headers)
@@ -434,7 +427,7 @@ class FakeExporter:
         step = -(-len(body) // SLOW_BODY_PIECES)
         for offset in range(0, len(body), step):
             if offset:
-                await asyncio.sleep(self.latency / SLOW_BODY_PIECES)
+                await _pause(request, self.latency / SLOW_BODY_PIECES)
             await response.write(body[offset : offset + step])
         await response.write_eof()
         self.served += 1
@@ -448,7 +441,7 @@ class FakeExporter:
         await response.write(variant.body[: len(variant.body) // 2])
         transport = request.transport
         if transport is None:
-            raise ConnectionResetError("client went away before the injected reset")
+            raise _ConnectionDropped  # the client is already gone
         # abort() discards what is still buffered in user space; a client that stops reading
         # must not keep this handler alive, hence the bounded wait (about one second).
         for _ in range(1000):
@@ -459,15 +452,50 @@ class FakeExporter:
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         transport.abort()
-        raise ConnectionResetError("fake windows_exporter: injected reset")
+        raise _ConnectionDropped
 
     async def _health(self, _request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
 
+async def _pause(request: web.Request, seconds: float | None) -> None:
+    """Sleep (forever if None) unless the app shuts down: then drop the connection unanswered.
+
+    Without this a runner's cleanup waits for every hanging or slow handler until its shutdown
+    timeout (60 s by default) before cancelling them.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[bool] = loop.create_future()
+    timer = None if seconds is None else loop.call_later(seconds, _resolve, future, False)
+    pauses = request.app[PAUSES]
+    pauses.add(future)
+    try:
+        interrupted = await future
+    finally:
+        pauses.discard(future)
+        if timer is not None:
+            timer.cancel()
+    if interrupted:
+        if request.transport is not None:
+            request.transport.abort()
+        raise _ConnectionDropped
+
+
+def _resolve(future: asyncio.Future[bool], interrupted: bool) -> None:
+    if not future.done():
+        future.set_result(interrupted)
+
+
+async def _interrupt_pauses(app: web.Application) -> None:
+    pauses: set[asyncio.Future[bool]] = app[PAUSES]
+    for future in list(pauses):
+        _resolve(future, True)
+
+
 async def run_fake_exporter(exporter: FakeExporter, host: str, port: int) -> web.AppRunner:
     """Start listening; the caller owns the runner and must `await runner.cleanup()`."""
-    runner = web.AppRunner(exporter.app(), access_log=None, handle_signals=False)
+    # handler_cancellation: a client that gives up on a hang or slow scrape frees its slot.
+    runner = web.AppRunner(exporter.app(), access_log=None, handle_signals=False, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
@@ -479,37 +507,26 @@ def bound_port(runner: web.AppRunner) -> int:
     return int(runner.addresses[0][1])
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return number
+def _at_least(minimum: float, kind: Callable[[str], float]) -> Callable[[str], float]:
+    """argparse type: reject nonsense (negative latency, scale 0) before anything starts."""
 
+    def parse(value: str) -> float:
+        number = kind(value)
+        if not number >= minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}")
+        return number
 
-def _non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return number
-
-
-def _non_negative_float(value: str) -> float:
-    number = float(value)
-    if not number >= 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return number
+    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen-address", default="127.0.0.1", help="default: %(default)s")
     parser.add_argument("--listen-port", type=int, default=9182, help="0 = any free port")
-    parser.add_argument(
-        "--scale", type=_positive_int, default=1, help="multiply every series N times"
-    )
-    parser.add_argument("--max-concurrent", type=_non_negative_int, default=1, help="0 = unlimited")
+    parser.add_argument("--scale", type=_at_least(1, int), default=1, help="multiply every series N times")
+    parser.add_argument("--max-concurrent", type=_at_least(0, int), default=1, help="0 = unlimited")
     parser.add_argument("--fault", choices=[f.value for f in Fault], default=Fault.NONE.value)
     parser.add_argument(
-        "--latency", type=_non_negative_float, default=1.0, help="seconds, for latency/slow_body"
+        "--latency", type=_at_least(0.0, float), default=1.0, help="seconds, for latency/slow_body"
     )
 
 

@@ -1,0 +1,416 @@
+"""The fake exporter is the upstream of every other test and benchmark: pin its behaviour."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gzip
+import importlib.resources
+import io
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+from proxy.fake_exporter import (
+    ExporterPayload,
+    FakeExporter,
+    Fault,
+    add_arguments,
+    bound_port,
+    run_fake_exporter,
+    serve_from_args,
+)
+
+CAPTURE = (importlib.resources.files("proxy") / "data" / "windows_exporter-0.20.0.prom").read_bytes()
+CAPTURE_SAMPLES = sum(1 for line in CAPTURE.splitlines() if line and not line.startswith(b"#"))
+DUPLICATE_FAMILY = "windows_mssql_locks_deadlocks"
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+IDENTITY = {"Accept-Encoding": "identity"}
+
+Served = tuple[TestClient[Any, Any], FakeExporter]
+Serve = Callable[..., Awaitable[Served]]
+
+
+@pytest.fixture
+def serve(aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]]) -> Serve:
+    """A FakeExporter built with the given arguments, behind a loopback test client."""
+
+    async def make(**kwargs: Any) -> Served:
+        exporter = FakeExporter(**kwargs)
+        return await aiohttp_client(exporter.app()), exporter
+
+    return make
+
+
+async def scrape_started(exporter: FakeExporter, count: int = 1) -> None:
+    for _ in range(200):
+        if exporter.scrapes >= count:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the scrape never reached the exporter")
+
+
+def samples(body: bytes) -> list[str]:
+    return [line for line in body.decode().splitlines() if line and not line.startswith("#")]
+
+
+def type_names(body: bytes) -> list[str]:
+    return re.findall(r"^# TYPE (\S+) ", body.decode(), flags=re.MULTILINE)
+
+
+async def test_scale_1_is_the_capture_byte_for_byte(serve: Serve) -> None:
+    cli, fake = await serve()
+    response = await cli.get("/metrics", headers=IDENTITY)
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert response.headers["Content-Length"] == str(len(CAPTURE))
+    assert abs(int(response.headers["Process-Start-Time-Unix"]) - time.time()) < 60
+    assert await response.read() == CAPTURE
+    assert (fake.scrapes, fake.served, fake.rejected) == (1, 1, 0)
+
+
+async def test_head_has_headers_and_no_body(serve: Serve) -> None:
+    cli, _ = await serve()
+    response = await cli.head("/metrics", headers=IDENTITY)
+    assert response.status == 200
+    assert response.headers["Content-Length"] == str(len(CAPTURE))
+    assert await response.read() == b""
+
+
+async def test_collect_filters_families_and_collector_status(serve: Serve) -> None:
+    cli, _ = await serve()
+    response = await cli.get("/metrics", params={"collect[]": "cpu"})
+    assert response.status == 200
+    body = (await response.read()).decode()
+    assert "\nwindows_cpu_" in body
+    assert "windows_memory_" not in body
+    assert "windows_netframework_" not in body
+    assert "\nwindows_exporter_build_info{" in body
+    assert "\ngo_goroutines " in body
+    status = re.findall(r'^windows_exporter_collector_\w+\{collector="(\w+)"', body, re.M)
+    assert set(status) == {"cpu"}
+    assert len(status) == 3  # duration, success, timeout
+
+
+async def test_collect_uses_the_longest_collector_name(serve: Serve) -> None:
+    cli, _ = await serve()
+    body = (await (await cli.get("/metrics?collect[]=net")).read()).decode()
+    assert "\nwindows_net_" in body
+    assert "windows_netframework_" not in body
+    body = (await (await cli.get("/metrics?collect[]=netframework_clrjit")).read()).decode()
+    assert "\nwindows_netframework_clrjit_" in body
+    assert "windows_net_" not in body
+    assert "windows_netframework_clrmemory_" not in body
+
+
+async def test_collect_several_collectors(serve: Serve) -> None:
+    cli, _ = await serve()
+    response = await cli.get("/metrics?collect[]=cpu&collect[]=memory")
+    body = (await response.read()).decode()
+    assert "\nwindows_cpu_" in body
+    assert "\nwindows_memory_" in body
+    assert "windows_os_" not in body
+
+
+async def test_unknown_collector_is_400(serve: Serve) -> None:
+    cli, fake = await serve()
+    response = await cli.get("/metrics?collect[]=cpu&collect[]=foo")
+    assert response.status == 400
+    text = await response.text()
+    assert text == 'couldn\'t create filtered metrics handler: collector "foo" not found\n'
+    assert (fake.scrapes, fake.served) == (1, 0)
+
+
+async def test_scale_multiplies_series_and_keeps_families_contiguous(serve: Serve) -> None:
+    cli, _ = await serve(scale=3)
+    body = await (await cli.get("/metrics")).read()
+    lines = samples(body)
+    assert len(lines) == 3 * CAPTURE_SAMPLES
+    names = type_names(body)
+    assert len(names) == 701
+    duplicated = {name for name in names if names.count(name) > 1}
+    assert duplicated == {DUPLICATE_FAMILY}
+    assert 'go_goroutines{replica="2"} 10' in lines
+    assert 'go_info{version="go1.19.1",replica="1"} 1' in lines
+    # Copy 0 is the capture itself, minus nothing.
+    assert [line for line in lines if "replica=" not in line] == samples(CAPTURE)
+    # A family's samples directly follow its TYPE line: no family name reappears later.
+    owners: list[str] = []
+    current = ""
+    for line in body.decode().splitlines():
+        if line.startswith("# TYPE "):
+            current = line.split()[2]
+        elif not line.startswith("#"):
+            assert line.startswith(current)
+            if not owners or owners[-1] != current:
+                owners.append(current)
+    assert len(owners) == len(names)
+
+
+async def test_scale_with_collect(serve: Serve) -> None:
+    cli, _ = await serve(scale=2)
+    body = (await (await cli.get("/metrics?collect[]=cpu")).read()).decode()
+    success = re.findall(r"^windows_exporter_collector_success\{.*$", body, re.M)
+    assert success == [
+        'windows_exporter_collector_success{collector="cpu"} 1',
+        'windows_exporter_collector_success{collector="cpu",replica="1"} 1',
+    ]
+
+
+@pytest.mark.parametrize("scale", [1, 2])
+async def test_openmetrics_parses_strictly(serve: Serve, scale: int) -> None:
+    cli, _ = await serve(scale=scale)
+    response = await cli.get("/metrics", headers={"Accept": PROMETHEUS_ACCEPT})
+    assert response.status == 200
+    assert response.headers["Content-Type"] == ("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    text = await response.text()
+    assert text.endswith("\n# EOF\n")
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    assert len(families) == 700  # the duplicate family is merged
+    assert sum(len(f.samples) for f in families.values()) == scale * (CAPTURE_SAMPLES - 14)
+    assert families["go_memstats_frees"].type == "counter"
+    assert families["go_memstats_frees"].samples[0].name == "go_memstats_frees_total"
+    deadlocks = families[DUPLICATE_FAMILY]
+    assert deadlocks.type == "counter"
+    assert {s.name for s in deadlocks.samples} == {f"{DUPLICATE_FAMILY}_total"}
+    assert len(deadlocks.samples) == scale * 14
+    # gauge go_memstats_alloc_bytes would clash with the counter's OpenMetrics name.
+    assert families["go_memstats_alloc_bytes"].type == "gauge"
+    assert families["go_memstats_alloc_bytes_total"].type == "unknown"
+
+
+async def test_openmetrics_with_collect(serve: Serve) -> None:
+    cli, _ = await serve()
+    response = await cli.get("/metrics?collect[]=mssql", headers={"Accept": PROMETHEUS_ACCEPT})
+    families = list(text_string_to_metric_families(await response.text()))
+    assert any(f.name == DUPLICATE_FAMILY for f in families)
+
+
+@pytest.mark.parametrize(
+    "accept",
+    ["", "text/plain;version=0.0.4", "application/openmetrics-text;q=0,text/plain", "*/*"],
+)
+async def test_text_unless_openmetrics_accepted(serve: Serve, accept: str) -> None:
+    cli, _ = await serve()
+    response = await cli.get("/metrics", headers={"Accept": accept, **IDENTITY})
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert await response.read() == CAPTURE
+
+
+async def test_openmetrics_help_escaping() -> None:
+    source = b'# HELP a_total Say "hi" \\\\ and\\nbye\n# TYPE a_total counter\na_total 1\n'
+    payload = ExporterPayload.parse(source)
+    text = payload.render(collectors=None, openmetrics=True, scale=1).decode()
+    assert text == ('# HELP a Say \\"hi\\" \\\\ and\\nbye\n# TYPE a counter\na_total 1\n# EOF\n')
+    families = list(text_string_to_metric_families(text))
+    assert families[0].documentation == 'Say "hi" \\ and\nbye'
+
+
+async def test_untyped_becomes_unknown() -> None:
+    payload = ExporterPayload.parse(b'# TYPE u untyped\nu 1\nv{a="b"} 2\n')
+    text = payload.render(collectors=None, openmetrics=True, scale=2).decode()
+    assert "# TYPE u unknown\n" in text
+    assert 'u{replica="1"} 1\n' in text
+    assert 'v{a="b",replica="1"} 2\n' in text
+
+
+async def test_gzip_round_trip(serve: Serve) -> None:
+    cli, _ = await serve()
+    response = await cli.get("/metrics", headers={"Accept-Encoding": "gzip, deflate"}, auto_decompress=False)
+    assert response.headers["Content-Encoding"] == "gzip"
+    assert response.headers["Vary"] == "Accept-Encoding"
+    raw = await response.read()
+    assert response.headers["Content-Length"] == str(len(raw))
+    assert len(raw) < len(CAPTURE) // 4
+    assert gzip.decompress(raw) == CAPTURE
+
+
+async def test_gzip_refused_with_q0(serve: Serve) -> None:
+    cli, _ = await serve()
+    response = await cli.get("/metrics", headers={"Accept-Encoding": "gzip;q=0"})
+    assert "Content-Encoding" not in response.headers
+    assert await response.read() == CAPTURE
+
+
+async def test_gzip_cache_is_bounded(serve: Serve) -> None:
+    cli, fake = await serve()
+    collectors = sorted(fake.payload.collectors)
+    for name in collectors:
+        for encoding in ("gzip", "identity"):
+            response = await cli.get(f"/metrics?collect[]={name}", headers={"Accept-Encoding": encoding})
+            assert response.status == 200
+            await response.read()
+    assert len(fake._cache) == 32
+    first = fake.variant(frozenset(["cpu"]), openmetrics=False, compress=True)
+    assert fake.variant(frozenset(["cpu"]), openmetrics=False, compress=True) is first
+
+
+async def test_concurrency_limit(serve: Serve) -> None:
+    cli, fake = await serve(fault=Fault.HANG)
+    hanging = asyncio.create_task(cli.get("/metrics"))
+    await scrape_started(fake)
+    response = await cli.get("/metrics")
+    assert response.status == 503
+    assert await response.text() == "Limit of concurrent requests reached (1), try again later.\n"
+    assert (fake.scrapes, fake.served, fake.rejected) == (2, 0, 1)
+    hanging.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await hanging
+
+
+async def test_concurrency_unlimited_and_released(serve: Serve) -> None:
+    cli, fake = await serve(fault=Fault.LATENCY, latency=0.2, max_concurrent=0)
+    responses = await asyncio.gather(*(cli.get("/metrics") for _ in range(5)))
+    assert [r.status for r in responses] == [200] * 5
+    fake.max_concurrent = 1
+    fake.fault = Fault.NONE
+    assert (await cli.get("/metrics")).status == 200  # slots were released
+    assert (fake.served, fake.rejected) == (6, 0)
+
+
+async def test_latency_delays_headers(serve: Serve) -> None:
+    cli, _ = await serve(fault=Fault.LATENCY, latency=0.2)
+    start = time.monotonic()
+    response = await cli.get("/metrics", headers=IDENTITY)
+    assert time.monotonic() - start >= 0.19
+    assert await response.read() == CAPTURE
+
+
+async def test_slow_body_arrives_in_pieces(serve: Serve) -> None:
+    cli, fake = await serve(fault=Fault.SLOW_BODY, latency=0.32)
+    start = time.monotonic()
+    response = await cli.get("/metrics", headers=IDENTITY)
+    assert time.monotonic() - start < 0.1  # headers at once
+    assert response.headers["Content-Length"] == str(len(CAPTURE))
+    pieces = 0
+    body = b""
+    while chunk := await response.content.readany():
+        pieces += 1
+        body += chunk
+    assert time.monotonic() - start >= 0.25
+    assert body == CAPTURE
+    assert pieces >= 8
+    assert fake.served == 1
+
+
+async def test_reset_truncates_the_body(serve: Serve) -> None:
+    cli, fake = await serve(fault=Fault.RESET)
+    response = await cli.get("/metrics", headers=IDENTITY)
+    assert response.status == 200
+    assert response.headers["Content-Length"] == str(len(CAPTURE))
+    received: list[bytes] = []
+
+    async def read_all() -> None:
+        while chunk := await response.content.readany():
+            received.append(chunk)
+
+    with pytest.raises((aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError)):
+        await read_all()
+    assert sum(map(len, received)) < len(CAPTURE)
+    assert fake.served == 0
+
+
+async def test_hang_times_out_and_shuts_down(aiohttp_server: Any) -> None:
+    exporter = FakeExporter(fault=Fault.HANG)
+    server = await aiohttp_server(exporter.app())
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(asyncio.TimeoutError):
+            await session.get(server.make_url("/metrics"), timeout=aiohttp.ClientTimeout(total=0.2))
+        start = time.monotonic()
+        await server.close()
+        assert time.monotonic() - start < 1
+
+
+async def test_hang_releases_open_connection_on_shutdown(aiohttp_server: Any) -> None:
+    exporter = FakeExporter(fault=Fault.HANG)
+    server = await aiohttp_server(exporter.app())
+    async with aiohttp.ClientSession() as session:
+        request = asyncio.create_task(session.get(server.make_url("/metrics")))
+        await scrape_started(exporter)
+        start = time.monotonic()
+        await server.close()
+        assert time.monotonic() - start < 1
+        with pytest.raises(aiohttp.ClientError):
+            await request
+
+
+async def test_error_is_500(serve: Serve) -> None:
+    cli, fake = await serve(fault=Fault.ERROR)
+    response = await cli.get("/metrics")
+    assert response.status == 500
+    assert "error" in await response.text()
+    assert fake.served == 0
+
+
+async def test_fault_query_parameter_overrides(serve: Serve) -> None:
+    cli, fake = await serve(fault=Fault.ERROR)
+    response = await cli.get("/metrics?fault=none&collect[]=cpu")
+    assert response.status == 200
+    assert "windows_memory_" not in await response.text()
+    fake.fault = Fault.NONE
+    assert (await cli.get("/metrics?fault=error")).status == 500
+    assert (await cli.get("/metrics?fault=bogus")).status == 400
+
+
+async def test_health_and_404(serve: Serve) -> None:
+    cli, fake = await serve()
+    response = await cli.get("/health")
+    assert response.status == 200
+    assert response.content_type == "application/json"
+    assert await response.json() == {"status": "ok"}
+    assert (await cli.get("/")).status == 404
+    assert (await cli.get("/metrics/x")).status == 404
+    assert fake.scrapes == 0
+
+
+async def test_run_fake_exporter_on_port_0() -> None:
+    exporter = FakeExporter()
+    runner = await run_fake_exporter(exporter, "127.0.0.1", 0)
+    try:
+        port = bound_port(runner)
+        assert port > 0
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/metrics", headers=IDENTITY) as response,
+        ):
+            assert await response.read() == CAPTURE
+    finally:
+        await runner.cleanup()
+
+
+async def test_serve_from_args(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--listen-port", "0", "--scale", "2", "--latency", "0.05"])
+    assert (args.listen_address, args.max_concurrent, args.fault) == ("127.0.0.1", 1, "none")
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve_from_args(args, stop))
+    out = ""
+    for _ in range(200):
+        if out := capsys.readouterr().out:
+            break
+        await asyncio.sleep(0.005)
+    match = re.fullmatch(r"fake windows_exporter listening on (http://127\.0\.0\.1:\d+/metrics)\n", out)
+    assert match, out
+    async with aiohttp.ClientSession() as session, session.get(match[1], headers=IDENTITY) as response:
+        assert len(samples(await response.read())) == 2 * CAPTURE_SAMPLES
+    stop.set()
+    await asyncio.wait_for(task, 1)
+
+
+@pytest.mark.parametrize("argv", [["--scale", "0"], ["--max-concurrent", "-1"], ["--fault", "x"]])
+def test_bad_arguments(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
+        parser.parse_args(argv)
