@@ -156,6 +156,9 @@ class Upstream:
     ) -> aiohttp.ClientResponse:
         """Send the request and wait for the response headers; a failure comes back as UpstreamFailure."""
         forwarded = {h: headers[h] for h in FORWARDED_REQUEST_HEADERS if h in headers}
+        # The exporter sizes its collectors' timeout from this header; give it the proxy's own
+        # deadline so it gives up (and answers) before the proxy does, header or not.
+        forwarded[SCRAPE_TIMEOUT_HEADER] = f"{deadline:g}"
         timeout = aiohttp.ClientTimeout(
             total=deadline, sock_connect=min(self.settings.connect_timeout, deadline)
         )
