@@ -74,18 +74,28 @@ def response_headers(upstream: Mapping[str, str]) -> list[tuple[str, str]]:
 
 
 def describe(exc: BaseException) -> str:
-    """A short cause for logs and 502 bodies: the OS error's words rather than aiohttp's wrapper."""
+    """A short cause for logs and 502 bodies: the OS error's words rather than aiohttp's wrappers."""
     if isinstance(exc, TimeoutError):
         return "timeout"
-    cause: BaseException | None = exc
-    while cause is not None:
+    seen: list[BaseException] = []
+    queue: list[BaseException] = [exc]
+    while queue and len(seen) < 16:
+        cause = queue.pop(0)
+        if cause in seen:
+            continue
+        seen.append(cause)
         if isinstance(cause, socket.gaierror) and cause.strerror:
             return cause.strerror.lower()
         if isinstance(cause, OSError) and cause.errno and cause.errno > 0:
             return os.strerror(cause.errno).lower()
-        cause = cause.__cause__ or cause.__context__
+        queue.extend(c for c in (cause.__cause__, cause.__context__) if c is not None)
+        queue.extend(a for a in cause.args if isinstance(a, BaseException))
+    for cause in seen:  # aiohttp's parser errors carry a plain-words message
+        message = getattr(cause, "message", None)
+        if isinstance(message, str) and message:
+            return message.rstrip(".")[:200]
     text = str(exc) or type(exc).__name__
-    return text.splitlines()[0]
+    return text.splitlines()[0][:200]
 
 
 class Upstream:
