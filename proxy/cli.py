@@ -158,6 +158,41 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run(lambda stop, loop_name: demo.run_demo(settings, args, stop, loop_name=loop_name))
 
 
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from proxy.rules import build_rules
+
+    settings = settings_from_args(args)
+    settings.require_upstream()
+    rules = build_rules(settings)
+    print(
+        f"configuration OK: upstream {settings.upstream_url}, listen "
+        f"{settings.listen_address}:{settings.listen_port}, {len(rules)} relabel rule(s)"
+    )
+    return 0
+
+
+def _cmd_relabel(args: argparse.Namespace) -> int:
+    """Apply the rules to an exposition file, as the server would to the same upstream body."""
+    from proxy.rewrite import RuleSet, rewrite_bytes
+    from proxy.rules import build_rules
+
+    settings = settings_from_args(args)
+    rules = build_rules(settings)
+    source = args.input
+    try:
+        if source == "-":
+            body = sys.stdin.buffer.read()
+        else:
+            with open(source, "rb") as handle:
+                body = handle.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {source}: {exc.strerror or exc}") from None
+    output = rewrite_bytes(body, RuleSet(rules), openmetrics=args.format == "openmetrics")
+    sys.stdout.buffer.write(output)
+    sys.stdout.buffer.flush()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -184,13 +219,44 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--scale", type=int, default=1, help="multiply the fake exporter's series by N")
     add_settings_flags(demo_parser, skip=("hostip", "port", "listen_address"))
     demo_parser.set_defaults(func=_cmd_demo, listen_port="0")
+
+    check = commands.add_parser(
+        "check-config", help="validate the settings and relabel rules without serving, then exit"
+    )
+    add_settings_flags(check)
+    check.set_defaults(func=_cmd_check_config)
+
+    relabel = commands.add_parser(
+        "relabel",
+        help="apply the relabel rules to an exposition file and print the result (a dry run)",
+    )
+    relabel.add_argument(
+        "--config", dest="relabel_config", metavar="FILE", help="YAML file with metric_relabel_configs"
+    )
+    relabel.add_argument("--keep", help="keep only metrics whose name matches this regex")
+    relabel.add_argument("--drop", help="drop metrics whose name matches this regex")
+    relabel.add_argument(
+        "--expand-env",
+        dest="relabel_expand_env",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="expand ${VAR} in the rules from the environment",
+    )
+    relabel.add_argument(
+        "--format",
+        choices=("text", "openmetrics"),
+        default="text",
+        help="the input's format (the output has the same)",
+    )
+    relabel.add_argument("input", nargs="?", default="-", help="exposition file, or - for stdin")
+    relabel.set_defaults(func=_cmd_relabel)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    known = {"serve", "fake-exporter", "demo", "-h", "--help", "--version"}
+    known = {"serve", "fake-exporter", "demo", "check-config", "relabel", "-h", "--help", "--version"}
     if not argv or argv[0] not in known:
         argv.insert(0, "serve")  # the container runs `python -m proxy` with settings in env
     args = parser.parse_args(argv)

@@ -23,6 +23,7 @@ class Head:
 
     status: int
     headers: tuple[tuple[str, str], ...]
+    rewritten: bool = False  # the body is the proxy's own: each scraper gets its own encoding
 
 
 @dataclass(frozen=True, slots=True)

@@ -101,6 +101,24 @@ class Settings(BaseSettings):
         ge=0,
         description="Seconds in-flight scrapes get to finish on stop (Windows kills after ~5 s).",
     )
+    relabel_config: str | None = Field(
+        default=None,
+        description="Path of a YAML file with metric_relabel_configs: applied to every sample.",
+    )
+    keep: str | None = Field(
+        default=None, description="Shorthand: keep only metrics whose name matches this regex."
+    )
+    drop: str | None = Field(
+        default=None, description="Shorthand: drop metrics whose name matches this regex."
+    )
+    relabel_expand_env: bool = Field(
+        default=False, description="Expand ${VAR} in the relabel file from the environment."
+    )
+    relabel_cache_size: int = Field(
+        default=100_000,
+        ge=1,
+        description="Series whose relabel outcome is remembered (an LRU keyed on the series text).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
     log_format: Literal["text", "json"] = Field(default="text", description="Log line format.")
     access_log: bool = Field(default=False, description="Log every request.")
@@ -111,6 +129,11 @@ class Settings(BaseSettings):
         if value is None or (isinstance(value, str) and not value.strip()):
             return None
         return _check_host(str(value))
+
+    @field_validator("relabel_config", "keep", "drop", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value == "" else value
 
     @field_validator("listen_address", mode="before")
     @classmethod

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import platform
 import sys
+from collections.abc import Sized
 
 from prometheus_client import (
     CollectorRegistry,
@@ -107,6 +108,33 @@ class Telemetry:
             "Scraper connections aborted on purpose because the upstream body broke off.",
             registry=r,
         )
+
+        self.relabel_samples = Counter(
+            f"{PREFIX}_relabel_samples",
+            "Samples seen by the relabel rules, by result (kept, dropped, or unparsable and passed through).",
+            ["result"],
+            registry=r,
+        )
+        for result in ("kept", "dropped", "unparsable"):
+            self.relabel_samples.labels(result)
+        self.relabel_cache_hits = Counter(
+            f"{PREFIX}_relabel_cache_hits",
+            "Samples whose relabel outcome came from the cache.",
+            registry=r,
+        )
+        self.relabel_cache_misses = Counter(
+            f"{PREFIX}_relabel_cache_misses",
+            "Samples whose relabel outcome had to be computed.",
+            registry=r,
+        )
+        self.relabel_cache_series = Gauge(
+            f"{PREFIX}_relabel_cache_series",
+            "Series whose relabel outcome is cached.",
+            registry=r,
+        )
+
+    def watch_relabel_cache(self, cache: Sized) -> None:
+        self.relabel_cache_series.set_function(lambda: len(cache))
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """Serialize in the format the scraper prefers (OpenMetrics or text 0.0.4)."""

@@ -18,6 +18,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver
 
 from proxy import __version__
+from proxy.exposition import without_protobuf
 from proxy.settings import Settings
 
 log = logging.getLogger("proxy.upstream")
@@ -57,6 +58,21 @@ class UpstreamFailure(Exception):
 
     def __str__(self) -> str:
         return self.reason
+
+
+def forwarded_headers(scraper: Mapping[str, str], *, rewriting: bool) -> dict[str, str]:
+    """What the exporter gets from a scraper's request headers.
+
+    When the proxy rewrites the body it must be able to read it: no protobuf, and no compression
+    (decompressing costs the proxy more CPU than the bytes cost the pod network).
+    """
+    headers = {h: scraper[h] for h in FORWARDED_REQUEST_HEADERS if h in scraper}
+    if rewriting:
+        headers.pop("Accept-Encoding", None)
+        accept = without_protobuf(headers.pop("Accept", ""))
+        if accept:
+            headers["Accept"] = accept
+    return headers
 
 
 def response_headers(upstream: Mapping[str, str]) -> list[tuple[str, str]]:
@@ -164,8 +180,11 @@ class Upstream:
     async def request(
         self, method: str, raw_query: str, headers: Mapping[str, str], deadline: float
     ) -> aiohttp.ClientResponse:
-        """Send the request and wait for the response headers; a failure comes back as UpstreamFailure."""
-        forwarded = {h: headers[h] for h in FORWARDED_REQUEST_HEADERS if h in headers}
+        """Send the request and wait for the response headers; a failure comes back as UpstreamFailure.
+
+        `headers` are sent as given (see `forwarded_headers`), plus the deadline header.
+        """
+        forwarded = dict(headers)
         # The exporter sizes its collectors' timeout from this header; give it the proxy's own
         # deadline so it gives up (and answers) before the proxy does, header or not.
         forwarded[SCRAPE_TIMEOUT_HEADER] = f"{deadline:g}"

@@ -1,0 +1,374 @@
+"""The streaming rewriter: exposition bytes in, relabeled exposition bytes out. Pure: no I/O.
+
+It works line by line on whatever chunks arrive, holding back only an unfinished last line (and,
+when rules can rename metrics, the current family), so memory stays flat as payloads grow.
+
+The same series come back on every scrape, so each series' outcome under the rules is cached,
+keyed on the series' raw text (`name{labels}`, exactly as the exporter wrote it), in a bounded LRU.
+A warm scrape then costs a split and a dict lookup per line.
+
+Family rules: HELP/TYPE/UNIT lines are held until their family keeps a sample, then written just
+before it, so filtered-out families leave no orphaned metadata. When rules rename metrics, a family's
+output is held until the family ends: its metadata follows the new name only if every kept sample
+moved the same way (`foo_bucket`/`foo_sum`/`foo_count` to `bar_...`); otherwise it is dropped and the
+samples stay untyped.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from proxy.exposition import family_members, format_metadata, format_series, parse_metadata, parse_sample
+from proxy.relabel import NAME_LABEL, Rule, process
+
+BOM = b"\xef\xbb\xbf"
+EOF_LINE = b"# EOF"
+
+# (sample name, output prefix `series ` or None when dropped, new sample name)
+Outcome = tuple[bytes, bytes | None, bytes | None]
+
+
+class RuleSet:
+    """Rules plus the cache of their outcomes; one per proxy, shared by every scrape."""
+
+    def __init__(self, rules: Sequence[Rule], cache_size: int = 100_000) -> None:
+        self.rules = tuple(rules)
+        self.cache_size = cache_size
+        self.cache: OrderedDict[bytes, Outcome] = OrderedDict()
+        # Only rules that may write __name__ need the slower, family-buffering path.
+        self.can_rename = any(rule.can_set(NAME_LABEL) for rule in self.rules)
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def evaluate(self, series: bytes, name: str, labels: list[tuple[str, str]]) -> Outcome | None:
+        """The outcome for a parsed series (cached); None if its label set is not one Prometheus takes."""
+        labelset = {NAME_LABEL: name}
+        for label, value in labels:
+            if label in labelset:
+                return None  # duplicate label names: Prometheus fails such a scrape; so must the scraper
+            labelset[label] = value
+        original = dict(labelset)
+        old_name = name.encode("utf-8")
+        result = process(labelset, self.rules)
+        if result is None or not result.get(NAME_LABEL):
+            outcome: Outcome = (old_name, None, None)
+        elif result == original:
+            outcome = (old_name, series + b" ", old_name)
+        else:
+            new_name = result.pop(NAME_LABEL)
+            text = format_series(new_name, sorted(result.items()))
+            outcome = (old_name, text + b" ", new_name.encode("utf-8"))
+        cache = self.cache
+        cache[series] = outcome
+        if len(cache) > self.cache_size:
+            cache.popitem(last=False)
+        return outcome
+
+
+@dataclass
+class RewriteStats:
+    kept: int = 0
+    dropped: int = 0
+    unparsable: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+
+class Rewriter:
+    """Rewrites one exposition body; feed() chunks as they come, then finish()."""
+
+    def __init__(self, rules: RuleSet, *, openmetrics: bool) -> None:
+        self.rules = rules
+        self.openmetrics = openmetrics
+        self.stats = RewriteStats()
+        self._carry = b""
+        self._started = False
+        self._eof_seen = False
+        # The current family: its name, the sample names it may hold, its metadata lines.
+        self._family: bytes | None = None
+        self._members: frozenset[bytes] = frozenset()
+        self._meta: list[bytes] = []
+        self._emitted = False
+        # Rename mode only: the family's output so far and where its kept samples moved.
+        self._held: list[bytes] = []
+        self._held_kept = False
+        self._new_family: bytes | None = None
+        self._consistent = True
+
+    def feed(self, data: bytes) -> bytes:
+        if not self._started:
+            data = self._carry + data
+            if len(data) < len(BOM) and BOM.startswith(data):
+                self._carry = data  # maybe a BOM split across chunks
+                return b""
+            self._started = True
+            self._carry = b""
+            if data.startswith(BOM):
+                data = data[len(BOM) :]
+        elif self._carry:
+            data = self._carry + data
+        lines = data.split(b"\n")
+        self._carry = lines.pop()
+        out: list[bytes] = []
+        if self.rules.can_rename:
+            self._lines_renaming(lines, out)
+        else:
+            self._lines(lines, out)
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        """Rewrite a last line that had no newline and close the last family."""
+        out: list[bytes] = []
+        if not self._started:
+            self._started = True
+            if self._carry.startswith(BOM):
+                self._carry = self._carry[len(BOM) :]
+        if self._carry:
+            lines = [self._carry]
+            self._carry = b""
+            if self.rules.can_rename:
+                self._lines_renaming(lines, out)
+            else:
+                self._lines(lines, out)
+        self._end_family(out)
+        return b"".join(out)
+
+    # -- the hot loop (rules never rename) ---------------------------------------------------------
+
+    def _lines(self, lines: list[bytes], out: list[bytes]) -> None:
+        cache = self.rules.cache
+        lookup = cache.get
+        touch = cache.move_to_end
+        append = out.append
+        stats = self.stats
+        members = self._members
+        emitted = self._emitted
+        hits = kept = dropped = 0
+        for line in lines:
+            if not line:
+                continue
+            if line[0] == 0x23:  # "#"
+                self._emitted = emitted
+                self._comment(line, out)
+                members = self._members
+                emitted = self._emitted
+                continue
+            cut = line.find(b"} ")
+            if cut > 0:
+                key = line[: cut + 1]
+                tail = line[cut + 2 :]
+                entry = lookup(key)
+            else:
+                cut = line.find(b" ")
+                key = line[:cut]
+                tail = line[cut + 1 :]
+                entry = lookup(key) if cut > 0 else None
+            if entry is not None:
+                touch(key)
+                hits += 1
+            else:
+                missed = self._miss(line)
+                if missed is None:
+                    self._emitted = emitted
+                    self._unparsable(line, out)
+                    continue
+                entry, tail = missed
+            if entry[0] not in members:
+                self._emitted = emitted
+                self._implicit_family(entry[0], out)
+                members = self._members
+                emitted = self._emitted
+            prefix = entry[1]
+            if prefix is None:
+                dropped += 1
+                continue
+            kept += 1
+            if not emitted:
+                out.extend(self._meta)
+                emitted = True
+            append(prefix + tail + b"\n")
+        self._emitted = emitted
+        stats.cache_hits += hits
+        stats.kept += kept
+        stats.dropped += dropped
+
+    def _miss(self, line: bytes) -> tuple[Outcome, bytes] | None:
+        parsed = parse_sample(line)
+        if parsed is None:
+            return None
+        series, name, labels, tail = parsed
+        entry = self.rules.cache.get(series)
+        if entry is not None:
+            self.stats.cache_hits += 1
+            return entry, tail
+        self.stats.cache_misses += 1
+        entry = self.rules.evaluate(series, name, labels)
+        if entry is None:
+            return None
+        return entry, tail
+
+    # -- rename mode: the same per line, but a family's output is held until it ends ------------------
+
+    def _lines_renaming(self, lines: list[bytes], out: list[bytes]) -> None:
+        stats = self.stats
+        for line in lines:
+            if not line:
+                continue
+            if line[0] == 0x23:
+                self._comment(line, out)
+                continue
+            cut = line.find(b"} ")
+            if cut <= 0:
+                cut = line.find(b" ")
+                key, tail = line[:cut], line[cut + 1 :]
+            else:
+                key, tail = line[: cut + 1], line[cut + 2 :]
+            entry = self.rules.cache.get(key) if cut > 0 else None
+            if entry is not None:
+                self.rules.cache.move_to_end(key)
+                stats.cache_hits += 1
+            else:
+                missed = self._miss(line)
+                if missed is None:
+                    self._unparsable(line, out)
+                    continue
+                entry, tail = missed
+            old_name, prefix, new_name = entry
+            if old_name not in self._members:
+                self._implicit_family(old_name, out)
+            if prefix is None or new_name is None:
+                stats.dropped += 1
+                continue
+            stats.kept += 1
+            self._held_kept = True
+            self._held.append(prefix + tail + b"\n")
+            self._track_move(old_name, new_name)
+
+    def _track_move(self, old_name: bytes, new_name: bytes) -> None:
+        family = self._family or old_name
+        if not self._consistent:
+            return
+        if not old_name.startswith(family):
+            self._consistent = False
+            return
+        suffix = old_name[len(family) :]
+        if not new_name.endswith(suffix):
+            self._consistent = False
+            return
+        moved = new_name[: len(new_name) - len(suffix)] if suffix else new_name
+        if self._new_family is None:
+            self._new_family = moved
+        elif self._new_family != moved:
+            self._consistent = False
+
+    # -- families, metadata and odd lines -------------------------------------------------------------
+
+    def _comment(self, line: bytes, out: list[bytes]) -> None:
+        if line.rstrip(b"\r") == EOF_LINE and not self._eof_seen:
+            self._end_family(out)
+            self._eof_seen = True
+            out.append(line + b"\n")
+            return
+        meta = None if self._eof_seen else parse_metadata(line)
+        if meta is None:
+            if self.openmetrics:
+                self._unparsable(line, out)  # OpenMetrics has no free comments: let the scraper judge
+            return  # text format: a comment carries nothing
+        kind, name, rest = meta
+        if name != self._family:
+            self._end_family(out)
+            self._family = name
+            self._members = family_members(name, None)
+            self._meta = []
+            self._emitted = False
+        if kind == b"TYPE":
+            self._members = family_members(name, rest.strip().split(b" ", 1)[0])
+        if self._emitted and not self.rules.can_rename:
+            out.append(line + b"\n")  # metadata after the family's samples: keep it in place
+        else:
+            self._meta.append(line + b"\n")
+
+    def _implicit_family(self, name: bytes, out: list[bytes]) -> None:
+        """A sample outside the current family starts a family of its own, without metadata."""
+        self._end_family(out)
+        self._family = name
+        self._members = frozenset((name,))
+        self._meta = []
+        self._emitted = False
+
+    def _unparsable(self, line: bytes, out: list[bytes]) -> None:
+        self.stats.unparsable += 1
+        if self.rules.can_rename:
+            self._held.append(line + b"\n")
+        else:
+            out.append(line + b"\n")
+
+    def _end_family(self, out: list[bytes]) -> None:
+        if self.rules.can_rename and self._held:
+            if self._held_kept and self._meta and self._consistent and self._new_family is not None:
+                if self._new_family == self._family:
+                    out.extend(self._meta)
+                else:
+                    out.extend(self._renamed_meta(self._new_family))
+            out.extend(self._held)
+        self._held = []
+        self._held_kept = False
+        self._new_family = None
+        self._consistent = True
+        self._family = None
+        self._members = frozenset()
+        self._meta = []
+        self._emitted = False
+
+    def _renamed_meta(self, new_family: bytes) -> list[bytes]:
+        lines = []
+        for raw in self._meta:
+            meta = parse_metadata(raw.rstrip(b"\n"))
+            if meta is not None:
+                lines.append(format_metadata(meta[0], new_family, meta[2]) + b"\n")
+        return lines
+
+
+class BrokenBody(Exception):
+    """The upstream body cannot be decoded (corrupt or truncated gzip)."""
+
+
+class BodyRewrite:
+    """gunzip (when the exporter compressed) then rewrite; what the app feeds upstream chunks to."""
+
+    def __init__(self, rules: RuleSet, *, openmetrics: bool, gzipped: bool) -> None:
+        self.rewriter = Rewriter(rules, openmetrics=openmetrics)
+        self._inflate = zlib.decompressobj(wbits=47) if gzipped else None  # 32+15: gzip or zlib
+
+    @property
+    def stats(self) -> RewriteStats:
+        return self.rewriter.stats
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._inflate is not None:
+            try:
+                chunk = self._inflate.decompress(chunk)
+            except zlib.error as exc:
+                raise BrokenBody(f"corrupt gzip stream: {exc}") from exc
+        return self.rewriter.feed(chunk)
+
+    def finish(self) -> bytes:
+        if self._inflate is not None:
+            try:
+                tail = self._inflate.flush()
+            except zlib.error as exc:
+                raise BrokenBody(f"corrupt gzip stream: {exc}") from exc
+            if not self._inflate.eof:
+                raise BrokenBody("gzip stream ended early")
+            return self.rewriter.feed(tail) + self.rewriter.finish()
+        return self.rewriter.finish()
+
+
+def rewrite_bytes(body: bytes, rules: RuleSet, *, openmetrics: bool) -> bytes:
+    """Rewrite a whole body at once (the `relabel` command and tests); same bytes as streaming."""
+    rewriter = Rewriter(rules, openmetrics=openmetrics)
+    return rewriter.feed(body) + rewriter.finish()
