@@ -25,6 +25,11 @@ _ITEM = re.compile(
     rb'(?:=[ \t]*"((?:[^"\\\n]|\\.)*)")?[ \t]*([,}])'
 )
 _ESCAPE = re.compile(r"\\(.)")
+# A sample value as Prometheus's parsers take it (Go's ParseFloat plus the spellings of NaN and Inf).
+_VALUE = re.compile(
+    rb"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|0[xX][0-9a-fA-F]+|[Nn][Aa][Nn]|[Ii][Nn][Ff](?:[Ii][Nn][Ii][Tt][Yy])?)"
+    rb"(?:[ \t\r]|\Z)"
+)
 _UNESCAPE = {"\\": "\\", '"': '"', "n": "\n"}
 
 # Sample names a family of each type may hold, in either format (text: counter `x_total` holds
@@ -109,7 +114,7 @@ def _parse_sample(line: bytes) -> tuple[bytes, str, list[tuple[str, str]], bytes
     series_end = pos
     space = _SPACE.match(line, pos)
     assert space is not None
-    if space.end() == pos or space.end() >= len(line):
+    if space.end() == pos or _VALUE.match(line, space.end()) is None:
         return None  # a value must follow, after white space
     return line[:series_end], name, labels, line[space.end() :]
 
