@@ -96,3 +96,30 @@ def test_readme_documents_every_setting() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for name in Settings.model_fields:
         assert f"| `{env_name(name)}` | `{flag_name(name)}" in readme, name
+
+
+def test_readme_relabel_examples_are_valid_and_do_what_they_say() -> None:
+    import re
+    from pathlib import Path
+
+    from proxy.rewrite import RuleSet, rewrite_bytes
+    from proxy.rules import parse_config_text
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    blocks = [
+        b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if b.startswith("metric_relabel_configs:")
+    ]
+    assert len(blocks) >= 4
+    capture = (Path(__file__).parent.parent / "proxy" / "data" / "windows_exporter-0.20.0.prom").read_bytes()
+    outputs = []
+    for block in blocks:
+        rules = parse_config_text(block, expand_env=True, environ={"NODE_NAME": "akswin000000"})
+        outputs.append(rewrite_bytes(capture, RuleSet(rules), openmetrics=False).decode())
+    keep_list, services, rename, env_label = outputs[:4]
+    assert "windows_cpu_time_total{" in keep_list
+    assert "windows_service_" not in keep_list
+    service_lines = [line for line in services.splitlines() if line.startswith("windows_service")]
+    assert service_lines == ['windows_service_state{name="dhcp",state="running"} 1']
+    assert "# TYPE win_cpu_time_total counter" in rename
+    assert "\nwindows_" not in rename
+    assert 'node="akswin000000"' in env_label
