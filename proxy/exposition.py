@@ -26,10 +26,11 @@ _ITEM = re.compile(
 )
 _ESCAPE = re.compile(r"\\(.)")
 # A sample value as Prometheus's parsers take it (Go's ParseFloat plus the spellings of NaN and Inf).
-_VALUE = re.compile(
+_VALUE_PATTERN = (
     rb"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|0[xX][0-9a-fA-F]+|[Nn][Aa][Nn]|[Ii][Nn][Ff](?:[Ii][Nn][Ii][Tt][Yy])?)"
     rb"(?:[ \t\r]|\Z)"
 )
+_VALUE = re.compile(_VALUE_PATTERN)
 _UNESCAPE = {"\\": "\\", '"': '"', "n": "\n"}
 
 # Sample names a family of each type may hold, in either format (text: counter `x_total` holds
@@ -58,10 +59,38 @@ def without_protobuf(accept: str) -> str:
 
 
 def _unescape(raw: bytes) -> str:
-    text = raw.decode("utf-8")
+    return _unescape_text(raw.decode("utf-8"))
+
+
+def _unescape_text(text: str) -> str:
     if "\\" not in text:
         return text
     return _ESCAPE.sub(lambda m: _UNESCAPE.get(m.group(1), m.group(0)), text)
+
+
+# The common shape, `name{label="value",...} value`, in one regex; anything else (quoted names,
+# white space inside the braces) goes through the general parser below.
+_COMMON = re.compile(
+    rb"([a-zA-Z_:][a-zA-Z0-9_:]*)"
+    rb'(?:\{((?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*"'
+    rb'(?:,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*")*,?)?)\})?[ \t]+(?=' + _VALUE_PATTERN + rb")"
+)
+_COMMON_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\.)*)"')
+
+
+def split_sample(line: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """(series text, metric name, rest) of a well-formed sample, without decoding its labels.
+
+    For rules that only look at the metric name, which is most filtering.
+    """
+    common = _COMMON.match(line)
+    if common is not None:
+        series_end = common.end(2) + 1 if common.group(2) is not None else common.end(1)
+        return line[:series_end], common.group(1), line[common.end() :]
+    parsed = parse_sample(line)
+    if parsed is None:
+        return None
+    return parsed[0], parsed[1].encode("utf-8"), parsed[3]
 
 
 def parse_sample(line: bytes) -> tuple[bytes, str, list[tuple[str, str]], bytes] | None:
@@ -71,6 +100,18 @@ def parse_sample(line: bytes) -> tuple[bytes, str, list[tuple[str, str]], bytes]
     None if the line is not a well-formed sample.
     """
     try:
+        common = _COMMON.match(line)
+        if common is not None:
+            raw_labels = common.group(2)
+            labels: list[tuple[str, str]] = []
+            if raw_labels:
+                text = raw_labels.decode("utf-8")
+                if "\\" in text:
+                    labels = [(k, _unescape_text(v)) for k, v in _COMMON_LABEL.findall(text)]
+                else:
+                    labels = _COMMON_LABEL.findall(text)
+            series_end = common.end(2) + 1 if raw_labels is not None else common.end(1)
+            return line[:series_end], common.group(1).decode("ascii"), labels, line[common.end() :]
         return _parse_sample(line)
     except UnicodeDecodeError:
         return None

@@ -21,10 +21,18 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from proxy.exposition import family_members, format_metadata, format_series, parse_metadata, parse_sample
+from proxy.exposition import (
+    family_members,
+    format_metadata,
+    format_series,
+    parse_metadata,
+    parse_sample,
+    split_sample,
+)
 from proxy.relabel import NAME_LABEL, Rule, process
 
 BOM = b"\xef\xbb\xbf"
+_FILTERS = frozenset({"keep", "drop", "keepequal", "dropequal"})
 EOF_LINE = b"# EOF"
 
 # (sample name, output prefix `series ` or None when dropped, new sample name)
@@ -40,6 +48,16 @@ class RuleSet:
         self.cache: OrderedDict[bytes, Outcome] = OrderedDict()
         # Only rules that may write __name__ need the slower, family-buffering path.
         self.can_rename = any(rule.can_set(NAME_LABEL) for rule in self.rules)
+        # Rules that only filter never change a series' text.
+        self.filter_only = all(rule.action in _FILTERS for rule in self.rules)
+        # Filters on the metric name alone (the usual keep-list) decide per name, not per series:
+        # a new series of a known metric then costs a syntax check and a lookup.
+        self.name_only = self.filter_only and all(
+            set(rule.source_labels) <= {NAME_LABEL}
+            and (rule.action in ("keep", "drop") or rule.target_label == NAME_LABEL)
+            for rule in self.rules
+        )
+        self._kept_names: dict[bytes, bool] = {}
 
     def __len__(self) -> int:
         return len(self.rules)
@@ -51,17 +69,33 @@ class RuleSet:
             if label in labelset:
                 return None  # duplicate label names: Prometheus fails such a scrape; so must the scraper
             labelset[label] = value
-        original = dict(labelset)
+        original = labelset if self.filter_only else dict(labelset)
         old_name = name.encode("utf-8")
         result = process(labelset, self.rules)
         if result is None or not result.get(NAME_LABEL):
             outcome: Outcome = (old_name, None, None)
-        elif result == original:
+        elif result is original or result == original:
             outcome = (old_name, series + b" ", old_name)
         else:
             new_name = result.pop(NAME_LABEL)
             text = format_series(new_name, sorted(result.items()))
             outcome = (old_name, text + b" ", new_name.encode("utf-8"))
+        return self._remember(series, outcome)
+
+    def evaluate_by_name(self, series: bytes, name: bytes) -> Outcome:
+        """The outcome for a series under name-only filters (cached per series and per name)."""
+        kept = self._kept_names.get(name)
+        if kept is None:
+            try:
+                text = name.decode("utf-8")
+            except UnicodeDecodeError:
+                text = ""
+            kept = process({NAME_LABEL: text}, self.rules) is not None
+            if len(self._kept_names) < self.cache_size:
+                self._kept_names[name] = kept
+        return self._remember(series, (name, series + b" " if kept else None, name))
+
+    def _remember(self, series: bytes, outcome: Outcome) -> Outcome:
         cache = self.cache
         cache[series] = outcome
         if len(cache) > self.cache_size:
@@ -197,6 +231,18 @@ class Rewriter:
         stats.dropped += dropped
 
     def _miss(self, line: bytes) -> tuple[Outcome, bytes] | None:
+        rules = self.rules
+        if rules.name_only:
+            split = split_sample(line)
+            if split is None:
+                return None
+            series, name, tail = split
+            entry = rules.cache.get(series)
+            if entry is not None:
+                self.stats.cache_hits += 1
+                return entry, tail
+            self.stats.cache_misses += 1
+            return rules.evaluate_by_name(series, name), tail
         parsed = parse_sample(line)
         if parsed is None:
             return None
