@@ -160,14 +160,16 @@ class MetricsProxy:
 
             transform = None
             headers = response_headers(upstream.headers)
-            if self.rules is not None and upstream.status == 200 and request.method == "GET":
-                transform = BodyRewrite(
-                    self.rules,
-                    openmetrics=is_openmetrics(upstream.headers.get("Content-Type")),
-                    gzipped=upstream.headers.get("Content-Encoding", "").lower() == "gzip",
-                )
+            rewriting = self.rules is not None and upstream.status == 200
+            if rewriting:
                 headers = [(k, v) for k, v in headers if k.lower() not in _ENCODING_HEADERS]
-            head = Head(upstream.status, tuple(headers), rewritten=transform is not None)
+                if request.method == "GET":  # a HEAD answer has headers only, describing a GET's
+                    transform = BodyRewrite(
+                        self.rules,  # type: ignore[arg-type]
+                        openmetrics=is_openmetrics(upstream.headers.get("Content-Type")),
+                        gzipped=upstream.headers.get("Content-Encoding", "").lower() == "gzip",
+                    )
+            head = Head(upstream.status, tuple(headers), rewritten=rewriting)
             if flight is not None:
                 flight.set_head(head)
             writer: ClientWriter | None = ClientWriter(head, request)

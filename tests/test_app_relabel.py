@@ -111,6 +111,14 @@ async def test_upstream_gets_no_protobuf_and_no_compression(tmp_path: Path, rule
     assert "application/openmetrics-text;version=1.0.0" in request
 
 
+async def test_head_describes_the_filtered_body(relabeling: TestClient) -> None:
+    response = await relabeling.head("/metrics", headers={"Accept-Encoding": "gzip"})
+    assert response.status == 200
+    assert "Content-Length" not in response.headers
+    assert response.headers["Content-Encoding"] == "gzip"
+    assert await response.read() == b""
+
+
 async def test_exporter_errors_pass_through_unchanged(relabeling: TestClient) -> None:
     response = await relabeling.get("/metrics?collect[]=nosuch")
     assert response.status == 400
