@@ -82,7 +82,8 @@ class ClientWriter:
             headers["Vary"] = "Accept-Encoding"
             if accepts_gzip(request.headers.get("Accept-Encoding")):
                 headers["Content-Encoding"] = "gzip"
-                self._compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)
+                if request.method != "HEAD":  # a HEAD answer must not carry even a gzip trailer
+                    self._compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)
         self.served = 0
 
     async def write(self, data: bytes) -> None:
