@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the real tools the tests use (Debian packages) when they are missing.
+# Installs the real tools the tests use (Debian packages) when they are missing: prometheus and
+# promtool (end-to-end tests, relabel rules), shellcheck (the deploy kit's shell examples).
 # As root it installs them; otherwise it says what is missing, and the tests that need them skip
 # locally and fail under CI=true.
 set -euo pipefail
@@ -7,6 +8,7 @@ set -euo pipefail
 missing=()
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
