@@ -1,0 +1,404 @@
+"""aks_setup: the DSC module, its packaging script, the Terraform and az examples, and all PowerShell.
+
+PowerShell cannot run here, so every .ps1 and .psm1 in the repository is parsed with tree-sitter's
+PowerShell grammar and must have no syntax error (and a broken snippet must show one). The module is
+read for what the design requires; the packaging script is run for real, on a small stand-in MSI
+made by the tests, over a path and over a loopback URL; the examples are parsed (HCL, bash) and must
+name the same script, function and parameters as the module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import importlib
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import IN_CI, LOOPBACK
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULE = ROOT / "aks_setup" / "aks_setup.psm1"
+PACKAGER = ROOT / "scripts" / "package_aks_setup.py"
+TERRAFORM = ROOT / "aks_setup" / "examples" / "terraform" / "main.tf"
+AZ_SCRIPT = ROOT / "aks_setup" / "examples" / "az" / "install-dsc-extension.sh"
+SKIP_DIRS = {".git", ".venv", "node_modules", "build", "dist", ".mypy_cache", ".ruff_cache"}
+OLE_MAGIC = bytes.fromhex("d0cf11e0a1b11ae1")
+
+
+def tool(name: str, install: str) -> str:
+    """A binary the test drives, from the venv first; missing: skip locally, fail under CI=true."""
+    beside_python = Path(sys.executable).parent / name
+    path = str(beside_python) if beside_python.is_file() else shutil.which(name)
+    if path is None:
+        message = f"{name} not found ({install})"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def module(name: str, install: str) -> Any:
+    """A Python package the test needs; missing: skip locally, fail under CI=true."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        message = f"{name} cannot be imported ({exc}); {install}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+# --- PowerShell syntax ----------------------------------------------------------------------------
+
+
+def powershell_parser() -> Any:
+    tree_sitter = module("tree_sitter", "pip install -e '.[test]' installs tree-sitter")
+    grammar = module("tree_sitter_powershell", "pip install -e '.[test]' installs tree-sitter-powershell")
+    return tree_sitter.Parser(tree_sitter.Language(grammar.language()))
+
+
+def syntax_errors(source: bytes) -> list[str]:
+    """Every ERROR or MISSING node, as 'line:column: text'."""
+    tree = powershell_parser().parse(source)
+    problems: list[str] = []
+    stack = [tree.root_node]
+    while stack:
+        node = stack.pop()
+        if node.is_error or node.is_missing:
+            kind = "missing " + node.type if node.is_missing else "unexpected"
+            text = node.text.decode(errors="replace").splitlines()[0][:60] if node.text else ""
+            problems.append(f"{node.start_point[0] + 1}:{node.start_point[1] + 1}: {kind} {text!r}")
+        elif node.has_error:
+            stack.extend(node.children)
+    if tree.root_node.has_error and not problems:
+        problems.append("the parser reports an error it could not place")
+    return sorted(problems)
+
+
+def powershell_files() -> list[Path]:
+    found = []
+    for pattern in ("*.ps1", "*.psm1"):
+        found += [p for p in ROOT.rglob(pattern) if not SKIP_DIRS & set(p.relative_to(ROOT).parts)]
+    return sorted(found)
+
+
+def test_there_is_powershell_to_check() -> None:
+    names = {p.relative_to(ROOT).as_posix() for p in powershell_files()}
+    assert {
+        "aks_setup/aks_setup.psm1",
+        "scripts/build-image.ps1",
+        "scripts/image/install-python.ps1",
+        "scripts/image/install-packages.ps1",
+    } <= names
+
+
+@pytest.mark.parametrize("path", powershell_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_powershell_parses_without_errors(path: Path) -> None:
+    assert syntax_errors(path.read_bytes()) == []
+
+
+@pytest.mark.parametrize(
+    "snippet",
+    [
+        "if ($a -eq 1 { 'unclosed condition' }",
+        "function Get-Thing { param([int] $x = ) $x }",
+        "$h = @{ a = 1 ",
+        "Configuration Setup { Node localhost { Script X { GetScript = { @{ Result = 'x' } } }",
+        "$arguments = @('/i', 'x.msi', '/qn'",
+        "foreach ($x in ) { }",
+    ],
+)
+def test_the_parser_catches_broken_powershell(snippet: str) -> None:
+    assert syntax_errors(snippet.encode()) != []
+
+
+def test_the_parser_accepts_dsc_syntax() -> None:
+    valid = (
+        "Configuration Setup {\n"
+        "  param([int] $Port = 9182)\n"
+        "  Import-DscResource -ModuleName 'PSDesiredStateConfiguration'\n"
+        "  Node localhost {\n"
+        "    Script X {\n"
+        '      GetScript = { @{ Result = "$using:Port" } }\n'
+        "      TestScript = { $true }\n"
+        "      SetScript = { Start-Process -FilePath 'msiexec.exe' -ArgumentList @('/i') -Wait -PassThru }\n"
+        "    }\n"
+        "  }\n"
+        "}\n"
+    )
+    assert syntax_errors(valid.encode()) == []
+
+
+# --- The DSC module -------------------------------------------------------------------------------
+
+
+def module_text() -> str:
+    return MODULE.read_text()
+
+
+def configuration_name() -> str:
+    names = re.findall(r"^Configuration\s+(\w+)", module_text(), re.MULTILINE)
+    assert len(names) == 1, names
+    return names[0]
+
+
+def configuration_parameters() -> dict[str, str | None]:
+    """Name -> default (the source text), from the configuration's param block."""
+    text = module_text()
+    block = text[text.index("param", text.index("Configuration ")) :]
+    block = block[: block.index("Import-DscResource")]
+    params = {}
+    for name, default in re.findall(r"\[\w+\]\s+\$(\w+)(?:\s*=\s*('[^']*'|[^\s,)]+))?", block):
+        params[name] = default.strip() or None
+    return params
+
+
+def script_block(name: str) -> str:
+    """The text of GetScript/TestScript/SetScript, braces balanced."""
+    text = module_text()
+    start = text.index("{", re.search(rf"\b{name}\s*=", text).end())
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start : i + 1]
+    raise AssertionError(f"{name} is not closed")
+
+
+def test_configuration_setup_and_its_parameters() -> None:
+    assert configuration_name() == "Setup"
+    params = configuration_parameters()
+    assert params["Port"] == "9182"
+    assert params["Collectors"] == "'cpu,cs,container,logical_disk,memory,net,os,service,system,tcp'"
+    assert params["TextfileDirectory"] == "''"
+    assert params["RemoteAddress"] == "''"
+    assert "Import-DscResource -ModuleName 'PSDesiredStateConfiguration'" in module_text()
+
+
+def test_msiexec_is_silent_waited_for_and_checked() -> None:
+    setscript = script_block("SetScript")
+    for argument in (
+        "'/i'",
+        "'/qn'",
+        "'/norestart'",
+        "'ADDLOCAL=FirewallException'",
+        "LISTEN_PORT=",
+        "ENABLED_COLLECTORS=",
+    ):
+        assert argument in setscript, argument
+    assert "TEXTFILE_DIRS=" in setscript
+    assert "REMOTE_ADDR=" in setscript
+    call = re.search(r"Start-Process -FilePath 'msiexec\.exe'[^\n]*", setscript)
+    assert call
+    assert "-Wait" in call[0]
+    assert "-PassThru" in call[0]
+    assert "switch ($process.ExitCode)" in setscript
+    assert re.search(r"default \{.*?throw", setscript, re.DOTALL)  # any other exit code fails the run
+
+
+def test_testscript_compares_version_port_and_collectors() -> None:
+    testscript = script_block("TestScript")
+    assert not re.fullmatch(r"\{\s*(return\s+)?\$false;?\s*\}", testscript)  # the old module's bug
+    for wanted in ("$wantVersion", "$wantPort", "$wantCollectors"):
+        assert re.search(rf"-ne {re.escape(wanted)}\b", testscript), wanted
+    assert "return $ok" in testscript
+    getscript = script_block("GetScript")
+    assert "Result" in getscript
+    for field in ("Version", "Port", "Collectors"):
+        assert f"{field} = $state.{field}" in getscript
+
+
+# --- The packaging script -------------------------------------------------------------------------
+
+
+def stand_in_msi(directory: Path, name: str = "windows_exporter-1.2.3-amd64.msi") -> tuple[Path, str]:
+    """A small file that starts like an MSI (an OLE compound file), and its SHA256."""
+    data = OLE_MAGIC + b"stand-in for the windows_exporter MSI\n" * 50
+    path = directory / name
+    path.write_bytes(data)
+    return path, hashlib.sha256(data).hexdigest()
+
+
+def package(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(PACKAGER), *args], capture_output=True, text=True, timeout=60, cwd=cwd
+    )
+
+
+def test_zip_layout(tmp_path: Path) -> None:
+    msi, sha = stand_in_msi(tmp_path)
+    out = tmp_path / "out" / "aks_setup.zip"
+    result = package("--msi", str(msi), "--sha256", sha, "--output", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert hashlib.sha256(out.read_bytes()).hexdigest() in result.stdout
+    with zipfile.ZipFile(out) as archive:
+        names = archive.namelist()
+        # the configuration script at the root, where the DSC extension's configuration.script points
+        assert names == ["aks_setup.psm1", "windows_exporter-1.2.3-amd64.msi", "dscmetadata.json"]
+        assert archive.read("aks_setup.psm1") == MODULE.read_bytes()
+        assert archive.read("windows_exporter-1.2.3-amd64.msi") == msi.read_bytes()
+        metadata = json.loads(archive.read("dscmetadata.json"))
+        assert metadata == {"AdditionalContent": ["windows_exporter-1.2.3-amd64.msi"]}
+        assert archive.testzip() is None
+
+
+def test_zip_is_reproducible_and_names_the_msi_by_version(tmp_path: Path) -> None:
+    msi, sha = stand_in_msi(tmp_path, "exporter.msi")  # a name without the version
+    assert package("--msi", str(msi), "--sha256", sha, "--output", "a.zip", cwd=tmp_path).returncode != 0
+    for out in ("a.zip", "b.zip"):
+        result = package(
+            "--msi", str(msi), "--sha256", sha.upper(), "--version", "1.2.3", "--output", out, cwd=tmp_path
+        )
+        assert result.returncode == 0, result.stderr
+    assert (tmp_path / "a.zip").read_bytes() == (tmp_path / "b.zip").read_bytes()
+    with zipfile.ZipFile(tmp_path / "a.zip") as archive:
+        assert "windows_exporter-1.2.3-amd64.msi" in archive.namelist()
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [("wrong-sha", "SHA256 mismatch"), ("bad-sha", "64 hex digits"), ("not-an-msi", "not an MSI")],
+)
+def test_packaging_refuses_a_wrong_msi(tmp_path: Path, case: str, expected: str) -> None:
+    msi, sha = stand_in_msi(tmp_path)
+    if case == "wrong-sha":
+        sha = hashlib.sha256(b"some other file").hexdigest()
+    elif case == "bad-sha":
+        sha = sha[:40]
+    else:
+        msi.write_bytes(b"<html>not found</html>")
+        sha = hashlib.sha256(msi.read_bytes()).hexdigest()
+    out = tmp_path / "aks_setup.zip"
+    result = package("--msi", str(msi), "--sha256", sha, "--output", str(out), cwd=tmp_path)
+    assert result.returncode == 1
+    assert expected in result.stderr
+    assert list(tmp_path.glob("*.zip")) == []
+    assert list(tmp_path.glob(".aks_setup-*")) == []
+
+
+@pytest.fixture
+def msi_server(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """A loopback HTTP server with the stand-in MSI; yields (its URL, its SHA256)."""
+    msi, sha = stand_in_msi(tmp_path)
+    body = msi.read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path != f"/download/{msi.name}":
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{LOOPBACK}:{server.server_port}/download/{msi.name}", sha
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_packaging_from_a_url(tmp_path: Path, msi_server: tuple[str, str]) -> None:
+    url, sha = msi_server
+    out = tmp_path / "from-url.zip"
+    result = package("--msi-url", url, "--sha256", sha, "--output", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    with zipfile.ZipFile(out) as archive:
+        assert archive.namelist()[1] == "windows_exporter-1.2.3-amd64.msi"
+    wrong = package("--msi-url", url, "--sha256", "0" * 64, "--output", str(tmp_path / "x.zip"), cwd=tmp_path)
+    assert wrong.returncode == 1
+    assert "SHA256 mismatch" in wrong.stderr
+    missing = package(
+        "--msi-url", url + ".nope", "--sha256", sha, "--output", str(tmp_path / "y.zip"), cwd=tmp_path
+    )
+    assert missing.returncode == 1
+    assert "cannot download" in missing.stderr
+    assert not (tmp_path / "x.zip").exists()
+    assert not (tmp_path / "y.zip").exists()
+
+
+# --- The examples ---------------------------------------------------------------------------------
+
+
+def unquote(value: str) -> str:
+    return value[1:-1] if len(value) >= 2 and value[0] == value[-1] == '"' else value
+
+
+def test_terraform_example_names_the_module_script_and_function() -> None:
+    hcl2 = module("hcl2", "pip install -e '.[test]' installs python-hcl2")
+    document = hcl2.load(io.StringIO(TERRAFORM.read_text()))
+    settings = next(block["dsc_settings"] for block in document["locals"] if "dsc_settings" in block)
+    configuration = {k: unquote(v) for k, v in settings["configuration"].items()}
+    assert configuration["script"] == MODULE.name
+    assert configuration["function"] == configuration_name()
+    assert set(settings["configurationArguments"]) <= set(configuration_parameters())
+    blocks = {
+        unquote(kind): next(iter(named.values())) for r in document["resource"] for kind, named in r.items()
+    }
+    extension = blocks["azurerm_virtual_machine_scale_set_extension"]
+    assert unquote(extension["publisher"]) == "Microsoft.Powershell"
+    assert unquote(extension["type"]) == "DSC"
+    assert [unquote(v) for v in extension["provision_after_extensions"]] == ["vmssCSE"]
+    assert extension["settings"] == "${jsonencode(local.dsc_settings)}"
+
+
+def az_settings() -> dict[str, Any]:
+    text = AZ_SCRIPT.read_text()
+    template = re.search(r"<<JSON\n(.*?)\nJSON\n", text, re.DOTALL)
+    assert template, "the settings here-document"
+    filled = template[1].replace("${zip_url}", "https://example.invalid/aks_setup.zip")
+    filled = filled.replace("${port}", "9182").replace("${collectors}", "cpu,os")
+    assert "${" not in filled, filled
+    return json.loads(filled)
+
+
+def test_az_example_names_the_module_script_and_function() -> None:
+    settings = az_settings()
+    assert settings["configuration"]["script"] == MODULE.name
+    assert settings["configuration"]["function"] == configuration_name()
+    assert set(settings["configurationArguments"]) <= set(configuration_parameters())
+    text = AZ_SCRIPT.read_text()
+    for flag in ("--publisher Microsoft.Powershell", "--name DSC", "--provision-after-extensions vmssCSE"):
+        assert flag in text, flag
+    assert re.search(r"--settings \"\$settings\"", text)
+
+
+def test_az_example_is_valid_bash() -> None:
+    result = subprocess.run(["bash", "-n", str(AZ_SCRIPT)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    shellcheck = tool("shellcheck", "Debian's shellcheck; `make test` installs it as root")
+    result = subprocess.run([shellcheck, str(AZ_SCRIPT)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout
+
+
+def test_examples_default_to_the_modules_defaults() -> None:
+    params = configuration_parameters()
+    tf = TERRAFORM.read_text()
+    port = re.search(r'variable "exporter_port" \{.*?default\s*=\s*(\d+)', tf, re.DOTALL)
+    collectors = re.search(r'variable "exporter_collectors" \{.*?default\s*=\s*"([^"]+)"', tf, re.DOTALL)
+    assert port
+    assert port[1] == params["Port"]
+    assert collectors
+    assert f"'{collectors[1]}'" == params["Collectors"]
+    az = AZ_SCRIPT.read_text()
+    assert f"port=${{3:-{params['Port']}}}" in az
+    assert f"collectors=${{4:-{params['Collectors'].strip(chr(39))}}}" in az
