@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
+import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
 from aiohttp import web
@@ -20,15 +23,30 @@ LOOPBACK = "127.0.0.1"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def require_binary(name: str) -> str:
-    """Path of a real tool the test drives; under CI=true its absence fails the test, else skips."""
-    path = shutil.which(name)
+def _missing(message: str) -> NoReturn:
+    """A real part the test needs is absent: that fails under CI=true and skips elsewhere."""
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def require_binary(
+    name: str, install: str = "Debian's prometheus package; `make test` installs it as root"
+) -> str:
+    """Path of a real tool the test drives, looked up beside this Python (the venv) first, then on PATH."""
+    beside_python = Path(sys.executable).parent / name
+    path = str(beside_python) if beside_python.is_file() else shutil.which(name)
     if path is None:
-        message = f"{name} not found (install Debian's prometheus package; `make test` does as root)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        _missing(f"{name} not found ({install})")
     return path
+
+
+def require_module(name: str, install: str = "pip install -e '.[test]' installs it") -> Any:
+    """A Python package the test drives."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        _missing(f"{name} cannot be imported ({exc}); {install}")
 
 
 @pytest.fixture

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import importlib
 import io
 import json
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -26,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import IN_CI, LOOPBACK
+from tests.conftest import LOOPBACK, require_binary, require_module
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULE = ROOT / "aks_setup" / "aks_setup.psm1"
@@ -37,35 +35,14 @@ SKIP_DIRS = {".git", ".venv", "node_modules", "build", "dist", ".mypy_cache", ".
 OLE_MAGIC = bytes.fromhex("d0cf11e0a1b11ae1")
 
 
-def tool(name: str, install: str) -> str:
-    """A binary the test drives, from the venv first; missing: skip locally, fail under CI=true."""
-    beside_python = Path(sys.executable).parent / name
-    path = str(beside_python) if beside_python.is_file() else shutil.which(name)
-    if path is None:
-        message = f"{name} not found ({install})"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
-def module(name: str, install: str) -> Any:
-    """A Python package the test needs; missing: skip locally, fail under CI=true."""
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        message = f"{name} cannot be imported ({exc}); {install}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-
-
 # --- PowerShell syntax ----------------------------------------------------------------------------
 
 
 def powershell_parser() -> Any:
-    tree_sitter = module("tree_sitter", "pip install -e '.[test]' installs tree-sitter")
-    grammar = module("tree_sitter_powershell", "pip install -e '.[test]' installs tree-sitter-powershell")
+    tree_sitter = require_module("tree_sitter", "pip install -e '.[test]' installs tree-sitter")
+    grammar = require_module(
+        "tree_sitter_powershell", "pip install -e '.[test]' installs tree-sitter-powershell"
+    )
     return tree_sitter.Parser(tree_sitter.Language(grammar.language()))
 
 
@@ -344,7 +321,7 @@ def unquote(value: str) -> str:
 
 
 def test_terraform_example_names_the_module_script_and_function() -> None:
-    hcl2 = module("hcl2", "pip install -e '.[test]' installs python-hcl2")
+    hcl2 = require_module("hcl2", "pip install -e '.[test]' installs python-hcl2")
     document = hcl2.load(io.StringIO(TERRAFORM.read_text()))
     settings = next(block["dsc_settings"] for block in document["locals"] if "dsc_settings" in block)
     configuration = {k: unquote(v) for k, v in settings["configuration"].items()}
@@ -385,7 +362,7 @@ def test_az_example_names_the_module_script_and_function() -> None:
 def test_az_example_is_valid_bash() -> None:
     result = subprocess.run(["bash", "-n", str(AZ_SCRIPT)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
-    shellcheck = tool("shellcheck", "Debian's shellcheck; `make test` installs it as root")
+    shellcheck = require_binary("shellcheck", "Debian's shellcheck; `make test` installs it as root")
     result = subprocess.run([shellcheck, str(AZ_SCRIPT)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout
 

