@@ -173,7 +173,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 def _cmd_relabel(args: argparse.Namespace) -> int:
     """Apply the rules to an exposition file, as the server would to the same upstream body."""
-    from proxy.rewrite import RuleSet, rewrite_bytes
+    from proxy.rewrite import NamelessSeries, RuleSet, rewrite_bytes
     from proxy.rules import build_rules
 
     settings = settings_from_args(args)
@@ -187,7 +187,11 @@ def _cmd_relabel(args: argparse.Namespace) -> int:
                 body = handle.read()
     except OSError as exc:
         raise ConfigError(f"cannot read {source}: {exc.strerror or exc}") from None
-    output = rewrite_bytes(body, RuleSet(rules), openmetrics=args.format == "openmetrics")
+    try:
+        output = rewrite_bytes(body, RuleSet(rules), openmetrics=args.format == "openmetrics")
+    except NamelessSeries as exc:
+        print(f"{PROG}: error: {exc} (Prometheus fails such a scrape)", file=sys.stderr)
+        return EXIT_RUNTIME
     sys.stdout.buffer.write(output)
     sys.stdout.buffer.flush()
     return 0

@@ -378,6 +378,40 @@ def parse_rules(raw: Any, where: str = "metric_relabel_configs") -> list[Rule]:
     return [parse_rule(entry, f"{where}[{i}]") for i, entry in enumerate(raw)]
 
 
+def go_lower(text: str) -> str:
+    """Go's strings.ToLower: each character mapped on its own, never into two.
+
+    Python's str.lower() applies Unicode's full mappings ('İ' to 'i' plus a combining dot) and a
+    final-sigma rule; Prometheus, in Go, maps one rune to one rune.
+    """
+    if text.isascii():
+        return text.lower()
+    out = []
+    for ch in text:
+        low = ch.lower()
+        out.append(low if len(low) == 1 else _SIMPLE_LOWER.get(ch, ch))
+    return "".join(out)
+
+
+def go_upper(text: str) -> str:
+    """Go's strings.ToUpper: 'ß' and 'ﬁ' stay as they are (no one-character upper case exists)."""
+    if text.isascii():
+        return text.upper()
+    out = []
+    for ch in text:
+        up = ch.upper()
+        if len(up) != 1:
+            # Letters with a one-character title case (Greek with ypogegrammeni) upper-case to it.
+            title = ch.title()
+            up = title if len(title) == 1 else ch
+        out.append(up)
+    return "".join(out)
+
+
+# The only character whose full lower-case mapping has two characters; its simple mapping is 'i'.
+_SIMPLE_LOWER = {"\u0130": "i"}
+
+
 def hashmod(value: str, modulus: int) -> int:
     digest = hashlib.md5(value.encode(), usedforsecurity=False).digest()
     return int.from_bytes(digest[8:], "big") % modulus
@@ -417,9 +451,9 @@ def process(labels: dict[str, str], rules: Sequence[Rule]) -> dict[str, str] | N
         elif action == "hashmod":
             _set(labels, rule.target_label, str(hashmod(value, rule.modulus)))
         elif action == "lowercase":
-            _set(labels, rule.target_label, value.lower())
+            _set(labels, rule.target_label, go_lower(value))
         elif action == "uppercase":
-            _set(labels, rule.target_label, value.upper())
+            _set(labels, rule.target_label, go_upper(value))
         elif action == "labelmap":
             for name, label_value in sorted(labels.items()):
                 match = rule.regex.match(name)

@@ -37,6 +37,9 @@ EOF_LINE = b"# EOF"
 
 # (sample name, output prefix `series ` or None when dropped, new sample name)
 Outcome = tuple[bytes, bytes | None, bytes | None]
+# The new name of a series whose rules removed its name: Prometheus fails the whole scrape then
+# ("missing metric name"), so the rewriter does too.
+NAMELESS = b""
 
 
 class RuleSet:
@@ -72,8 +75,10 @@ class RuleSet:
         original = labelset if self.filter_only else dict(labelset)
         old_name = name.encode("utf-8")
         result = process(labelset, self.rules)
-        if result is None or not result.get(NAME_LABEL):
+        if result is None:
             outcome: Outcome = (old_name, None, None)
+        elif not result.get(NAME_LABEL):
+            outcome = (old_name, None, NAMELESS)
         elif result is original or result == original:
             outcome = (old_name, series + b" ", old_name)
         else:
@@ -93,7 +98,7 @@ class RuleSet:
             kept = process({NAME_LABEL: text}, self.rules) is not None
             if len(self._kept_names) < self.cache_size:
                 self._kept_names[name] = kept
-        return self._remember(series, (name, series + b" " if kept else None, name))
+        return self._remember(series, (name, series + b" ", name) if kept else (name, None, None))
 
     def _remember(self, series: bytes, outcome: Outcome) -> Outcome:
         cache = self.cache
@@ -127,6 +132,7 @@ class Rewriter:
         self._members: frozenset[bytes] = frozenset()
         self._meta: list[bytes] = []
         self._emitted = False
+        self._written: set[bytes | None] = set()  # families whose metadata is out
         # Rename mode only: the family's output so far and where its kept samples moved.
         self._held: list[bytes] = []
         self._held_kept = False
@@ -218,11 +224,13 @@ class Rewriter:
                 emitted = self._emitted
             prefix = entry[1]
             if prefix is None:
+                if entry[2] is not None:
+                    raise NamelessSeries(line)
                 dropped += 1
                 continue
             kept += 1
             if not emitted:
-                out.extend(self._meta)
+                self._write_meta(self._family, self._meta, out)
                 emitted = True
             append(prefix + tail + b"\n")
         self._emitted = emitted
@@ -287,6 +295,8 @@ class Rewriter:
             if old_name not in self._members:
                 self._implicit_family(old_name, out)
             if prefix is None or new_name is None:
+                if new_name is not None:
+                    raise NamelessSeries(line)
                 stats.dropped += 1
                 continue
             stats.kept += 1
@@ -357,9 +367,9 @@ class Rewriter:
         if self.rules.can_rename and self._held:
             if self._held_kept and self._meta and self._consistent and self._new_family is not None:
                 if self._new_family == self._family:
-                    out.extend(self._meta)
+                    self._write_meta(self._family, self._meta, out)
                 else:
-                    out.extend(self._renamed_meta(self._new_family))
+                    self._write_meta(self._new_family, self._renamed_meta(self._new_family), out)
             out.extend(self._held)
         self._held = []
         self._held_kept = False
@@ -369,6 +379,14 @@ class Rewriter:
         self._members = frozenset()
         self._meta = []
         self._emitted = False
+
+    def _write_meta(self, family: bytes | None, lines: list[bytes], out: list[bytes]) -> None:
+        """A family's metadata, once per body: a second HELP or TYPE for a name breaks parsers
+        (rules can merge families, and exporters repeat one now and then)."""
+        if family in self._written:
+            return
+        self._written.add(family)
+        out.extend(lines)
 
     def _renamed_meta(self, new_family: bytes) -> list[bytes]:
         lines = []
@@ -381,6 +399,14 @@ class Rewriter:
 
 class BrokenBody(Exception):
     """The upstream body cannot be decoded (corrupt or truncated gzip)."""
+
+
+class NamelessSeries(BrokenBody):
+    """The rules removed a series' metric name, which makes Prometheus fail the whole scrape."""
+
+    def __init__(self, line: bytes) -> None:
+        shown = line[:200].decode("utf-8", "replace")
+        super().__init__(f"the relabel rules removed the metric name of {shown!r}")
 
 
 class BodyRewrite:

@@ -36,6 +36,7 @@ OUTCOMES = (
     "protocol_error",  # the exporter's answer was not valid HTTP
     "body_timeout",  # the deadline passed mid-body; the client connection was aborted
     "body_error",  # the body broke off mid-way; the client connection was aborted
+    "relabel_error",  # the rules removed a series' name, as Prometheus fails that scrape; aborted
     "cancelled",  # every scraper went away before the response was complete
 )
 

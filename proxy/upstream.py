@@ -19,6 +19,7 @@ from aiohttp.abc import AbstractResolver
 
 from proxy import __version__
 from proxy.exposition import without_protobuf
+from proxy.rewrite import NamelessSeries
 from proxy.settings import Settings
 
 log = logging.getLogger("proxy.upstream")
@@ -252,4 +253,6 @@ def body_failure(exc: BaseException, deadline: float) -> tuple[str, str]:
     """Outcome and reason for a body that broke off after the headers went out."""
     if isinstance(exc, asyncio.TimeoutError):
         return "body_timeout", f"body not complete within {deadline:g}s"
+    if isinstance(exc, NamelessSeries):
+        return "relabel_error", f"{exc}: Prometheus fails such a scrape, so the proxy breaks it too"
     return "body_error", f"body broke off: {describe(exc)}"

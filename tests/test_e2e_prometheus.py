@@ -11,6 +11,7 @@ import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,35 +181,31 @@ scrape_configs:
 """
 
 
-@pytest.fixture
-async def prometheus(tmp_path: Path, fake_server: TestServer, proxy: TestClient) -> AsyncIterator[Prometheus]:
+@asynccontextmanager
+async def running_prometheus(
+    tmp_path: Path, config_text: str, *, log_level: str = "info"
+) -> AsyncIterator[Prometheus]:
+    """A Prometheus subprocess on 127.0.0.1, ready; its log tail is printed at teardown."""
     binary = require_binary("prometheus")
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        PROMETHEUS_YML.format(
-            interval=SCRAPE_INTERVAL,
-            timeout=SCRAPE_TIMEOUT,
-            loopback=LOOPBACK,
-            fake_port=fake_server.port,
-            proxy_port=proxy.server.port,
-        )
-    )
+    workdir = tmp_path / "prometheus"
+    workdir.mkdir()
+    config = workdir / "prometheus.yml"
+    config.write_text(config_text)
     port = free_port()
-    log_path = tmp_path / "prometheus.log"
+    log_path = workdir / "prometheus.log"
     args = [
         binary,
         f"--config.file={config}",
-        f"--storage.tsdb.path={tmp_path / 'data'}",
+        f"--storage.tsdb.path={workdir / 'data'}",
         f"--web.listen-address={LOOPBACK}:{port}",
-        "--log.level=debug",
+        f"--log.level={log_level}",
     ]
     with log_path.open("wb") as log_file:
         process = await asyncio.create_subprocess_exec(
-            *args, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp_path
+            *args, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir
         )
-    connector = aiohttp.TCPConnector(limit=4)
     session = aiohttp.ClientSession(
-        connector=connector, trust_env=False, timeout=aiohttp.ClientTimeout(total=5)
+        connector=aiohttp.TCPConnector(limit=4), trust_env=False, timeout=aiohttp.ClientTimeout(total=10)
     )
     server = Prometheus(f"http://{LOOPBACK}:{port}", log_path, process, session)
     try:
@@ -227,12 +224,24 @@ async def prometheus(tmp_path: Path, fake_server: TestServer, proxy: TestClient)
         if process.returncode is None:
             process.terminate()
             try:
-                await asyncio.wait_for(process.wait(), timeout=5)  # a clean shutdown, else kill
+                await asyncio.wait_for(process.wait(), timeout=5)
             except TimeoutError:
                 process.kill()
                 await asyncio.wait_for(process.wait(), timeout=5)
-        # pytest shows teardown output only when the test failed.
         print(f"--- prometheus (exit {process.returncode}) log tail, {log_path} ---\n{server.tail()}")
+
+
+@pytest.fixture
+async def prometheus(tmp_path: Path, fake_server: TestServer, proxy: TestClient) -> AsyncIterator[Prometheus]:
+    config = PROMETHEUS_YML.format(
+        interval=SCRAPE_INTERVAL,
+        timeout=SCRAPE_TIMEOUT,
+        loopback=LOOPBACK,
+        fake_port=fake_server.port,
+        proxy_port=proxy.server.port,
+    )
+    async with running_prometheus(tmp_path, config, log_level="debug") as server:
+        yield server
 
 
 def keyed(result: list[dict[str, Any]]) -> dict[frozenset[tuple[str, str]], str]:

@@ -163,6 +163,19 @@ def test_lowercase_and_uppercase() -> None:
     }
 
 
+def test_case_mapping_is_go_s_one_rune_to_one_rune() -> None:
+    config = [
+        {"source_labels": ["v"], "target_label": "up", "action": "uppercase"},
+        {"source_labels": ["w"], "target_label": "low", "action": "lowercase"},
+        {"source_labels": ["x"], "target_label": "sigma", "action": "lowercase"},
+    ]
+    result = run(config, {"v": "Straße ﬁle", "w": "İdle", "x": "ΑΣ Ωμέγα"})
+    assert result is not None
+    assert result["up"] == "STRAßE ﬁLE"  # no one-character upper case: unchanged, as in Go
+    assert result["low"] == "idle"  # not "i" plus a combining dot
+    assert result["sigma"] == "ασ ωμέγα"  # noqa: RUF001 (no final-sigma rule)
+
+
 def test_multiline_values_match_with_dot_all() -> None:
     config = [{"source_labels": ["msg"], "regex": "first.*last", "action": "keep"}]
     assert run(config, {"msg": "first\nmiddle\nlast"}) is not None

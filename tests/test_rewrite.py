@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 
 from proxy.exposition import format_series, parse_metadata, parse_sample, without_protobuf
 from proxy.relabel import parse_rules
-from proxy.rewrite import BodyRewrite, BrokenBody, Rewriter, RuleSet, rewrite_bytes
+from proxy.rewrite import BodyRewrite, BrokenBody, NamelessSeries, Rewriter, RuleSet, rewrite_bytes
 
 CAPTURE = (importlib.resources.files("proxy") / "data" / "windows_exporter-0.20.0.prom").read_bytes()
 NODE_KEEP_LIST = (
@@ -96,25 +96,72 @@ def test_protobuf_is_stripped_from_accept() -> None:
 # --- passthrough and keep-everything --------------------------------------------------------------------
 
 
-def test_no_rules_keeps_the_capture_byte_identical() -> None:
-    assert rewrite_bytes(CAPTURE, RuleSet([]), openmetrics=False) == CAPTURE
+def without_repeated_metadata(body: bytes) -> bytes:
+    """The capture repeats one family's HELP and TYPE; the rewriter writes a family's metadata once."""
+    seen: set[bytes] = set()
+    lines = []
+    for line in body.splitlines(keepends=True):
+        if line.startswith((b"# HELP ", b"# TYPE ")):
+            if line in seen:
+                continue
+            seen.add(line)
+        lines.append(line)
+    return b"".join(lines)
+
+
+def test_no_rules_keeps_the_capture_byte_identical_but_for_repeated_metadata() -> None:
+    expected = without_repeated_metadata(CAPTURE)
+    assert len(expected) == len(CAPTURE) - 108  # the second HELP and TYPE of windows_mssql_locks_deadlocks
+    assert rewrite_bytes(CAPTURE, RuleSet([]), openmetrics=False) == expected
+
+
+def test_merged_families_get_their_metadata_once() -> None:
+    body = (
+        b'# HELP disk_free_bytes Free.\n# TYPE disk_free_bytes gauge\ndisk_free_bytes{volume="C:"} 1\n'
+        b'# HELP disk_size_bytes Size.\n# TYPE disk_size_bytes gauge\ndisk_size_bytes{volume="C:"} 2\n'
+    )
+    merge = rules(
+        {"source_labels": ["__name__"], "regex": "disk_(free|size)_bytes", "target_label": "kind"},
+        {
+            "source_labels": ["__name__"],
+            "regex": "disk_.*_bytes",
+            "target_label": "__name__",
+            "replacement": "disk_bytes",
+        },
+    )
+    out = rewrite_bytes(body, merge, openmetrics=False)
+    assert out == (
+        b"# HELP disk_bytes Free.\n# TYPE disk_bytes gauge\n"
+        b'disk_bytes{kind="free",volume="C:"} 1\ndisk_bytes{kind="size",volume="C:"} 2\n'
+    )
+
+
+def test_a_series_whose_name_the_rules_remove_fails_the_scrape() -> None:
+    nameless = rules(
+        {"source_labels": ["kind"], "regex": "nan", "target_label": "__name__", "replacement": ""}
+    )
+    assert rewrite_bytes(b'v{kind="one"} 1\n', nameless, openmetrics=False) == b'v{kind="one"} 1\n'
+    with pytest.raises(NamelessSeries, match="removed the metric name"):
+        rewrite_bytes(b'v{kind="one"} 1\nv{kind="nan"} NaN\n', nameless, openmetrics=False)
 
 
 def test_rules_that_keep_everything_keep_every_sample() -> None:
+    capture = without_repeated_metadata(CAPTURE)  # this parser would type the repeat apart
     out = rewrite_bytes(
-        CAPTURE, rules({"regex": "nothing_has_this_name", "action": "labeldrop"}), openmetrics=False
+        capture, rules({"regex": "nothing_has_this_name", "action": "labeldrop"}), openmetrics=False
     )
-    assert samples(out.decode()) == samples(CAPTURE.decode())
+    assert samples(out.decode()) == samples(capture.decode())
 
 
 def test_adding_a_label_keeps_every_sample_with_the_label() -> None:
+    capture = without_repeated_metadata(CAPTURE)  # this parser would type the repeat apart
     out = rewrite_bytes(
-        CAPTURE, rules({"target_label": "node", "replacement": "akswin000001"}), openmetrics=False
+        capture, rules({"target_label": "node", "replacement": "akswin000001"}), openmetrics=False
     )
-    before, after = samples(CAPTURE.decode()), samples(out.decode())
+    before, after = samples(capture.decode()), samples(out.decode())
     assert len(after) == len(before) == 1728
     assert all(("node", "akswin000001") in labels for _, labels, _ in after)
-    assert typed(out.decode()) == typed(CAPTURE.decode())  # metadata is untouched
+    assert typed(out.decode()) == typed(capture.decode())  # metadata is untouched
 
 
 # --- filtering and family rules -------------------------------------------------------------------------
