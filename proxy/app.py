@@ -214,7 +214,9 @@ class MetricsProxy:
         content = upstream.content
         try:
             while True:
-                chunk = await content.readany()
+                # One buffered piece at a time, as the socket delivered it: readany() would join
+                # everything buffered into a new bytes object, a copy of the whole body per scrape.
+                chunk, _ = await content.readchunk()
                 if not chunk:
                     if transform is None:
                         break
