@@ -86,7 +86,7 @@ class Settings(BaseSettings):
         default=True, description="Share one upstream request among concurrent identical scrapes."
     )
     coalesce_buffer_bytes: int = Field(
-        default=4 * 1024 * 1024,
+        default=2 * 1024 * 1024,
         ge=0,
         description="Bytes of a response kept so a late scrape can join; past it, late "
         "scrapes go upstream on their own.",
