@@ -11,11 +11,12 @@ import asyncio
 import logging
 import time
 import zlib
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
 
 import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractResolver
+from aiohttp.typedefs import Handler
 
 from proxy import __version__
 from proxy.coalesce import Flight, FlightAborted, Flights, Head, Refusal
@@ -32,6 +33,7 @@ from proxy.upstream import (
     forwarded_headers,
     response_headers,
 )
+from proxy.webconfig import REALM, BasicAuth, WebConfig
 
 log = logging.getLogger("proxy.app")
 
@@ -343,11 +345,31 @@ async def self_metrics(request: web.Request) -> web.Response:
     return response
 
 
+def basic_auth_middleware(
+    users: BasicAuth, telemetry: Telemetry, *, open_health: bool
+) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def require_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if open_health and request.path == "/health":
+            return await handler(request)
+        if await users.check(request.headers.get("Authorization")):
+            return await handler(request)
+        telemetry.auth_failures.inc()
+        return web.Response(
+            status=401,
+            text="401 unauthorized\n",
+            headers={"WWW-Authenticate": f'Basic realm="{REALM}"', "Server": SERVER_HEADER},
+        )
+
+    return require_auth
+
+
 def create_app(
     settings: Settings,
     *,
     telemetry: Telemetry | None = None,
     resolver: AbstractResolver | None = None,
+    web_config: WebConfig | None = None,
 ) -> web.Application:
     """The proxy as an aiohttp app; the upstream pool opens on startup and closes on cleanup."""
     telemetry = telemetry or Telemetry()
@@ -357,7 +379,16 @@ def create_app(
         telemetry.watch_relabel_cache(rules.cache)
     proxy = MetricsProxy(settings, upstream, telemetry, rules)
 
-    app = web.Application(handler_args={"max_field_size": 8190, "max_line_size": 8190})
+    middlewares = []
+    if web_config is not None and web_config.requires_auth:
+        middlewares.append(
+            basic_auth_middleware(
+                BasicAuth(web_config.users), telemetry, open_health=not settings.health_auth
+            )
+        )
+    app = web.Application(
+        middlewares=middlewares, handler_args={"max_field_size": 8190, "max_line_size": 8190}
+    )
     app[UPSTREAM_KEY] = upstream
     app[TELEMETRY_KEY] = telemetry
 

@@ -13,14 +13,11 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, get_args
 
-from aiohttp import web
-
 from proxy import __version__
-from proxy.app import create_app
 from proxy.logs import configure_logging
 from proxy.runtime import StopSignals, loop_factory
+from proxy.server import start_proxy
 from proxy.settings import ConfigError, Settings, env_name, flag_name, load_settings
-from proxy.telemetry import Telemetry
 
 PROG = "windows-metrics-proxy"
 log = logging.getLogger("proxy.cli")
@@ -54,66 +51,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return load_settings(**overrides)
 
 
-def listen_hosts(address: str) -> str | list[str] | None:
-    """'::' means dual stack; asyncio binds IPv6-only sockets, so ask for every family instead."""
-    return None if address in ("::", "0.0.0.0::") else address
-
-
-async def start_proxy(settings: Settings, *, loop_name: str = "asyncio") -> tuple[web.AppRunner, int]:
-    """Start serving; returns the runner (to clean up) and the bound port (for port 0)."""
-    app = create_app(settings, telemetry=Telemetry(loop_name=loop_name))
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
-        shutdown_timeout=settings.shutdown_timeout,
-    )
-    await runner.setup()
-    site = web.TCPSite(
-        runner,
-        host=listen_hosts(settings.listen_address),
-        port=settings.listen_port,
-        reuse_address=True,
-    )
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise ConfigError(
-            f"{env_name('listen_port')} (--listen-port): cannot listen on "
-            f"{settings.listen_address}:{settings.listen_port}: {exc.strerror or exc}"
-        ) from None
-    port = bound_port(runner)
-    log.info(
-        "listening",
-        extra={
-            "fields": {
-                "address": settings.listen_address,
-                "port": port,
-                "upstream": settings.upstream_url,
-                "coalesce": settings.coalesce,
-                "loop": loop_name,
-                "version": __version__,
-            }
-        },
-    )
-    return runner, port
-
-
-def bound_port(runner: web.BaseRunner) -> int:
-    for address in runner.addresses:
-        if isinstance(address, tuple):
-            return int(address[1])
-    raise RuntimeError("runner has no TCP address")
-
-
 async def serve(settings: Settings, stop: asyncio.Event, *, loop_name: str = "asyncio") -> None:
-    runner, _port = await start_proxy(settings, loop_name=loop_name)
+    proxy = await start_proxy(settings, loop_name=loop_name)
     try:
         await stop.wait()
     finally:
-        # Stops listening, lets in-flight scrapes finish within shutdown_timeout, closes the pool.
-        await runner.cleanup()
+        await proxy.close()
         log.info("stopped")
 
 

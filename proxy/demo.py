@@ -9,8 +9,8 @@ import argparse
 import asyncio
 import sys
 
-from proxy.cli import start_proxy
 from proxy.fake_exporter import FakeExporter, bound_port, run_fake_exporter
+from proxy.server import start_proxy
 from proxy.settings import Settings
 
 DEMO_HOST = "127.0.0.1"
@@ -48,12 +48,12 @@ async def run_demo(
         proxy_settings = settings.model_copy(
             update={"hostip": DEMO_HOST, "port": exporter_port, "listen_address": DEMO_HOST}
         )
-        proxy_runner, proxy_port = await start_proxy(proxy_settings, loop_name=loop_name)
+        proxy = await start_proxy(proxy_settings, loop_name=loop_name)
         try:
-            print(banner(exporter_port, proxy_port), flush=True)
+            print(banner(exporter_port, proxy.port), flush=True)
             await stop.wait()
         finally:
-            await proxy_runner.cleanup()
+            await proxy.close()
     finally:
         await exporter_runner.cleanup()
     print("demo stopped", file=sys.stderr, flush=True)

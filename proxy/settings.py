@@ -101,6 +101,36 @@ class Settings(BaseSettings):
         ge=0,
         description="Seconds in-flight scrapes get to finish on stop (Windows kills after ~5 s).",
     )
+    max_connections: int = Field(
+        default=256,
+        ge=1,
+        description="Client connections served at once; more are answered 503 and closed.",
+    )
+    header_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a client has to send a complete request head (stops slowloris).",
+    )
+    web_config_file: str | None = Field(
+        default=None,
+        description="Listener TLS and basic auth, in the exporter-toolkit web config format.",
+    )
+    health_auth: bool = Field(
+        default=False,
+        description="Require basic auth on /health too (by default probes reach it without).",
+    )
+    upstream_ca_file: str | None = Field(
+        default=None, description="CA bundle to verify an https exporter with (default: system CAs)."
+    )
+    upstream_username: str | None = Field(
+        default=None, description="Basic auth user for an exporter run with --web.config.file."
+    )
+    upstream_password_file: str | None = Field(
+        default=None, description="File holding that user's password (a mounted Secret)."
+    )
+    upstream_insecure_skip_verify: bool = Field(
+        default=False, description="Do not verify the https exporter's certificate (opt-in, unsafe)."
+    )
     relabel_config: str | None = Field(
         default=None,
         description="Path of a YAML file with metric_relabel_configs: applied to every sample.",
@@ -130,7 +160,16 @@ class Settings(BaseSettings):
             return None
         return _check_host(str(value))
 
-    @field_validator("relabel_config", "keep", "drop", mode="before")
+    @field_validator(
+        "relabel_config",
+        "keep",
+        "drop",
+        "web_config_file",
+        "upstream_ca_file",
+        "upstream_username",
+        "upstream_password_file",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and value == "" else value
@@ -151,6 +190,14 @@ class Settings(BaseSettings):
     @classmethod
     def _lowercase(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_upstream_auth(self) -> Settings:
+        if (self.upstream_username is None) != (self.upstream_password_file is None):
+            raise ValueError(
+                "upstream_password_file: upstream_username and upstream_password_file go together"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_timeouts(self) -> Settings:

@@ -31,6 +31,7 @@ OUTCOMES = (
     "http_error",  # the exporter answered non-2xx; passed through
     "resolve_error",  # the host name did not resolve
     "connect_error",  # refused, unreachable, or the connection failed before any byte
+    "tls_error",  # the TLS handshake with the exporter failed (certificate, version)
     "connect_timeout",  # no connection within PROXY_CONNECT_TIMEOUT
     "header_timeout",  # the deadline passed before the response headers
     "protocol_error",  # the exporter's answer was not valid HTTP
@@ -131,6 +132,26 @@ class Telemetry:
         self.relabel_cache_series = Gauge(
             f"{PREFIX}_relabel_cache_series",
             "Series whose relabel outcome is cached.",
+            registry=r,
+        )
+
+        self.open_connections = Gauge(
+            f"{PREFIX}_open_connections",
+            "Client connections open now.",
+            registry=r,
+        )
+        self.refused_connections = Counter(
+            f"{PREFIX}_refused_connections",
+            "Client connections closed by the proxy: over PROXY_MAX_CONNECTIONS (limit), or no "
+            "complete request head within PROXY_HEADER_TIMEOUT (header_timeout).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("limit", "header_timeout"):
+            self.refused_connections.labels(reason)
+        self.auth_failures = Counter(
+            f"{PREFIX}_auth_failures",
+            "Requests refused with 401 by basic auth.",
             registry=r,
         )
 

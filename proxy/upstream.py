@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from aiohttp.abc import AbstractResolver
 from proxy import __version__
 from proxy.exposition import without_protobuf
 from proxy.rewrite import NamelessSeries
-from proxy.settings import Settings
+from proxy.settings import ConfigError, Settings
 
 log = logging.getLogger("proxy.upstream")
 
@@ -115,12 +116,52 @@ def describe(exc: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
+def upstream_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """How an https exporter is verified: system CAs, PROXY_UPSTREAM_CA_FILE, or (opt-in) not at all."""
+    if settings.upstream_scheme != "https":
+        return None
+    try:
+        context = ssl.create_default_context(cafile=settings.upstream_ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+        raise ConfigError(
+            f"PROXY_UPSTREAM_CA_FILE (--upstream-ca-file): cannot load {settings.upstream_ca_file}: {reason}"
+        ) from None
+    if settings.upstream_insecure_skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def upstream_auth(settings: Settings) -> aiohttp.BasicAuth | None:
+    if settings.upstream_username is None or settings.upstream_password_file is None:
+        return None
+    try:
+        with open(settings.upstream_password_file, encoding="utf-8") as handle:
+            password = handle.read().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(
+            f"PROXY_UPSTREAM_PASSWORD_FILE (--upstream-password-file): cannot read "
+            f"{settings.upstream_password_file}: {reason}"
+        ) from None
+    return aiohttp.BasicAuth(settings.upstream_username, password)
+
+
+def _tls_reason(exc: BaseException) -> str:
+    cause = getattr(exc, "certificate_error", None) or getattr(exc, "os_error", None) or exc.__cause__
+    reason = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
+    return str(reason or describe(exc)).lower()
+
+
 class Upstream:
     """A pooled keep-alive client for the configured exporter, created at startup, closed at stop."""
 
     def __init__(self, settings: Settings, *, resolver: AbstractResolver | None = None) -> None:
         settings.require_upstream()
         self.settings = settings
+        self._ssl = upstream_ssl_context(settings)
+        self._auth = upstream_auth(settings)
         self.url = settings.upstream_url
         self.health_url = f"{settings.upstream_scheme}://{settings.upstream_authority}/health"
         self._resolver = resolver
@@ -133,6 +174,7 @@ class Upstream:
             limit_per_host=0,
             keepalive_timeout=30,
             resolver=self._resolver,
+            ssl=self._ssl if self._ssl is not None else True,
             ttl_dns_cache=10,
             family=socket.AF_UNSPEC,
         )
@@ -144,6 +186,7 @@ class Upstream:
             timeout=aiohttp.ClientTimeout(total=None),
             raise_for_status=False,
             trust_env=False,
+            auth=self._auth,
         )
 
     async def close(self) -> None:
@@ -203,6 +246,12 @@ class Upstream:
         except aiohttp.ClientConnectorDNSError as exc:
             raise UpstreamFailure(
                 "resolve_error", 502, f"cannot resolve {self.settings.hostip}: {describe(exc)}"
+            ) from exc
+        except (aiohttp.ClientSSLError, aiohttp.ClientConnectorCertificateError) as exc:
+            raise UpstreamFailure(
+                "tls_error",
+                502,
+                f"TLS handshake with {self.settings.upstream_authority} failed: {_tls_reason(exc)}",
             ) from exc
         except aiohttp.ConnectionTimeoutError as exc:
             raise UpstreamFailure(

@@ -1,0 +1,232 @@
+"""The listener's TLS and basic auth, from a web config file in the Prometheus exporter-toolkit format.
+
+Users of windows_exporter already write this file (`--web.config.file`), so the proxy reads the
+same keys:
+
+    tls_server_config:
+      cert_file: /etc/tls/tls.crt
+      key_file: /etc/tls/tls.key
+      client_ca_file: /etc/tls/ca.crt          # optional
+      client_auth_type: RequireAndVerifyClientCert
+      min_version: TLS12
+    basic_auth_users:
+      prometheus: $2y$10$...                    # bcrypt hashes
+
+Keys it does not implement are refused rather than ignored: a security setting that silently does
+nothing is worse than an error at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import ssl
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TLS_KEYS = ("cert_file", "key_file", "client_ca_file", "client_auth_type", "min_version", "max_version")
+CLIENT_AUTH_TYPES = ("NoClientCert", "VerifyClientCertIfGiven", "RequireAndVerifyClientCert")
+# Go's crypto/tls can ask for a client certificate and not verify it; Python's ssl module cannot,
+# so these two are refused with a reason instead of being weakened or strengthened silently.
+UNSUPPORTED_CLIENT_AUTH = ("RequestClientCert", "RequireAnyClientCert")
+TLS_VERSIONS = {
+    "TLS10": ssl.TLSVersion.TLSv1,
+    "TLS11": ssl.TLSVersion.TLSv1_1,
+    "TLS12": ssl.TLSVersion.TLSv1_2,
+    "TLS13": ssl.TLSVersion.TLSv1_3,
+}
+REALM = "windows-metrics-proxy"
+
+
+class WebConfigError(ValueError):
+    """One line naming the key that is wrong."""
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    ssl_context: ssl.SSLContext | None = None
+    users: Mapping[str, bytes] = field(default_factory=dict)
+
+    @property
+    def requires_auth(self) -> bool:
+        return bool(self.users)
+
+
+def _string(section: Mapping[str, Any], key: str, where: str) -> str | None:
+    value = section.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise WebConfigError(f"{where}.{key}: must be a string")
+    return value
+
+
+def _readable(path: str, where: str, base: Path) -> str:
+    resolved = (base / path) if not Path(path).is_absolute() else Path(path)
+    if not resolved.is_file():
+        raise WebConfigError(f"{where}: {resolved} is not a readable file")
+    return str(resolved)
+
+
+def parse_web_config(text: str, base: Path) -> WebConfig:
+    """The listener settings; relative file names are read relative to `base`, the file's folder."""
+    import yaml
+
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise WebConfigError(f"YAML: {str(exc).splitlines()[0]}") from None
+    if document is None:
+        return WebConfig()
+    if not isinstance(document, Mapping):
+        raise WebConfigError("the document must be a mapping")
+    for key in document:
+        if key not in ("tls_server_config", "basic_auth_users"):
+            raise WebConfigError(f"{key}: not supported by windows-metrics-proxy")
+    context = _tls(document.get("tls_server_config"), base)
+    users = _users(document.get("basic_auth_users"))
+    return WebConfig(ssl_context=context, users=users)
+
+
+def _tls(section: Any, base: Path) -> ssl.SSLContext | None:
+    where = "tls_server_config"
+    if section is None:
+        return None
+    if not isinstance(section, Mapping):
+        raise WebConfigError(f"{where}: must be a mapping")
+    for key in section:
+        if key not in TLS_KEYS:
+            raise WebConfigError(f"{where}.{key}: not supported by windows-metrics-proxy")
+    cert = _string(section, "cert_file", where)
+    key = _string(section, "key_file", where)
+    if cert is None or key is None:
+        raise WebConfigError(f"{where}: cert_file and key_file are both required")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(
+            _readable(cert, f"{where}.cert_file", base), _readable(key, f"{where}.key_file", base)
+        )
+    except ssl.SSLError as exc:
+        raise WebConfigError(
+            f"{where}.cert_file: cannot load the certificate and key: {exc.reason}"
+        ) from None
+    for bound in ("min_version", "max_version"):
+        name = _string(section, bound, where)
+        if name is None:
+            continue
+        if name not in TLS_VERSIONS:
+            raise WebConfigError(f"{where}.{bound}: {name!r} is not one of {', '.join(TLS_VERSIONS)}")
+        setattr(
+            context, "minimum_version" if bound == "min_version" else "maximum_version", TLS_VERSIONS[name]
+        )
+    if _string(section, "min_version", where) is None:
+        context.minimum_version = ssl.TLSVersion.TLSv1_2  # exporter-toolkit's default
+
+    auth = _string(section, "client_auth_type", where) or "NoClientCert"
+    ca = _string(section, "client_ca_file", where)
+    if auth in UNSUPPORTED_CLIENT_AUTH:
+        raise WebConfigError(
+            f"{where}.client_auth_type: {auth} (accept a client certificate without verifying it) is not "
+            "supported; use VerifyClientCertIfGiven or RequireAndVerifyClientCert with client_ca_file"
+        )
+    if auth not in CLIENT_AUTH_TYPES:
+        raise WebConfigError(
+            f"{where}.client_auth_type: {auth!r} is not one of {', '.join(CLIENT_AUTH_TYPES)}"
+        )
+    if auth != "NoClientCert":
+        if ca is None:
+            raise WebConfigError(f"{where}.client_ca_file: required with client_auth_type {auth}")
+        try:
+            context.load_verify_locations(cafile=_readable(ca, f"{where}.client_ca_file", base))
+        except ssl.SSLError as exc:
+            raise WebConfigError(f"{where}.client_ca_file: cannot load it: {exc.reason}") from None
+        context.verify_mode = ssl.CERT_REQUIRED if auth == "RequireAndVerifyClientCert" else ssl.CERT_OPTIONAL
+    elif ca is not None:
+        raise WebConfigError(f"{where}.client_ca_file: set, but client_auth_type is NoClientCert")
+    return context
+
+
+def _users(section: Any) -> dict[str, bytes]:
+    where = "basic_auth_users"
+    if section is None:
+        return {}
+    if not isinstance(section, Mapping):
+        raise WebConfigError(f"{where}: must be a mapping of user names to bcrypt hashes")
+    users: dict[str, bytes] = {}
+    for user, hashed in section.items():
+        if not isinstance(user, str) or not user or ":" in user:
+            raise WebConfigError(f"{where}: {user!r} is not a valid user name")
+        if not isinstance(hashed, str) or not hashed.startswith(("$2a$", "$2b$", "$2y$")):
+            raise WebConfigError(f"{where}.{user}: must be a bcrypt hash ($2a$, $2b$ or $2y$)")
+        users[user] = hashed.encode()
+    return users
+
+
+def load_web_config(path: str) -> WebConfig:
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise WebConfigError(f"cannot read {path}: {reason}") from None
+    return parse_web_config(text, file.parent)
+
+
+class BasicAuth:
+    """Checks `Authorization: Basic` against the bcrypt hashes.
+
+    bcrypt is slow on purpose (tens to hundreds of milliseconds), so checks run off the event loop,
+    and a credential that passed is remembered (by a keyed digest, never the password itself) so a
+    scraper pays it once, not every scrape. An unknown user costs a bcrypt check too, so timing does
+    not tell which user names exist.
+    """
+
+    def __init__(self, users: Mapping[str, bytes], remember: int = 64) -> None:
+        import bcrypt
+
+        self._bcrypt = bcrypt
+        self._users = dict(users)
+        self._passed: OrderedDict[bytes, None] = OrderedDict()
+        self._remember = remember
+        self._key = hashlib.sha256(repr(sorted(self._users.items())).encode()).digest()
+        self._dummy = bcrypt.hashpw(b"not a password", bcrypt.gensalt(rounds=10))
+
+    async def check(self, header: str | None) -> bool:
+        credentials = _parse_basic(header)
+        if credentials is None:
+            return False
+        user, password = credentials
+        token = hmac.new(self._key, f"{user}\0{password}".encode(), hashlib.sha256).digest()
+        if token in self._passed:
+            self._passed.move_to_end(token)
+            return True
+        hashed = self._users.get(user)
+        ok = await asyncio.get_running_loop().run_in_executor(
+            None, self._bcrypt.checkpw, password.encode(), hashed if hashed is not None else self._dummy
+        )
+        if ok and hashed is not None:
+            self._passed[token] = None
+            if len(self._passed) > self._remember:
+                self._passed.popitem(last=False)
+            return True
+        return False
+
+
+def _parse_basic(header: str | None) -> tuple[str, str] | None:
+    if not header:
+        return None
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    return (user, password) if sep else None
