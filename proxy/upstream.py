@@ -7,6 +7,7 @@ else, so no header, path or Host trick can point the proxy at another address.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import socket
@@ -133,7 +134,8 @@ def upstream_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-def upstream_auth(settings: Settings) -> aiohttp.BasicAuth | None:
+def upstream_auth(settings: Settings) -> str | None:
+    """The Authorization header for the exporter, built once from the mounted password file."""
     if settings.upstream_username is None or settings.upstream_password_file is None:
         return None
     try:
@@ -145,7 +147,8 @@ def upstream_auth(settings: Settings) -> aiohttp.BasicAuth | None:
             f"PROXY_UPSTREAM_PASSWORD_FILE (--upstream-password-file): cannot read "
             f"{settings.upstream_password_file}: {reason}"
         ) from None
-    return aiohttp.BasicAuth(settings.upstream_username, password)
+    token = base64.b64encode(f"{settings.upstream_username}:{password}".encode()).decode("ascii")
+    return f"Basic {token}"
 
 
 def _tls_reason(exc: BaseException) -> str:
@@ -182,12 +185,17 @@ class Upstream:
             connector=connector,
             auto_decompress=False,
             skip_auto_headers=("Accept", "Accept-Encoding"),
-            headers={"User-Agent": f"windows-metrics-proxy/{__version__}"},
+            headers=self._session_headers(),
             timeout=aiohttp.ClientTimeout(total=None),
             raise_for_status=False,
             trust_env=False,
-            auth=self._auth,
         )
+
+    def _session_headers(self) -> dict[str, str]:
+        headers = {"User-Agent": f"windows-metrics-proxy/{__version__}"}
+        if self._auth is not None:
+            headers["Authorization"] = self._auth
+        return headers
 
     async def close(self) -> None:
         if self._session is not None:
