@@ -12,14 +12,13 @@ that reads or drops those behaves differently in the proxy.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import re2
 
 ACTIONS = (
     "replace",
@@ -43,9 +42,23 @@ NAME_LABEL = "__name__"
 
 # Prometheus 2.x label names, and its relabelTarget (a name that may hold $1/${1}/$name parts).
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
-_RE2_OPTIONS = re2.Options()
-_RE2_OPTIONS.log_errors = False
-_RELABEL_TARGET = re2.compile(r"^(?:(?:[a-zA-Z_]|\$(?:\{\w+\}|\w+))+\w*)+$", _RE2_OPTIONS)
+_RELABEL_TARGET_PATTERN = r"^(?:(?:[a-zA-Z_]|\$(?:\{\w+\}|\w+))+\w*)+$"
+
+
+@functools.cache
+def _re2() -> tuple[Any, Any]:
+    """The RE2 module and quiet options, imported on first use: a proxy without rules never pays
+    for loading it."""
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False
+    return re2, options
+
+
+def _relabel_target(text: str) -> bool:
+    re2, options = _re2()
+    return re2.compile(_RELABEL_TARGET_PATTERN, options).match(text) is not None
 
 
 def is_label_name(name: str) -> bool:
@@ -112,8 +125,9 @@ class Regex:
 
     def __init__(self, pattern: str) -> None:
         self.pattern = pattern
+        re2, options = _re2()
         try:
-            compiled = re2.compile(f"^(?s:{pattern})$", _RE2_OPTIONS)
+            compiled = re2.compile(f"^(?s:{pattern})$", options)
         except re2.error as exc:
             detail = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
             detail = detail.replace(f"^(?s:{pattern})$", pattern)
@@ -333,7 +347,7 @@ def _validate(
             f"relabel configuration for {action} action requires 'target_label' value",
         )
     plain_target = ("lowercase", "uppercase", "keepequal", "dropequal")
-    if action in ("replace", *plain_target) and _RELABEL_TARGET.match(target_label) is None:
+    if action in ("replace", *plain_target) and not _relabel_target(target_label):
         raise RelabelConfigError(
             f"{where}.target_label", f"{target_label!r} is invalid 'target_label' for {action} action"
         )
@@ -343,7 +357,7 @@ def _validate(
         )
     if action in plain_target and replacement != DEFAULT_REPLACEMENT:
         raise RelabelConfigError(f"{where}.replacement", f"'replacement' can not be set for {action} action")
-    if action == "labelmap" and _RELABEL_TARGET.match(replacement) is None:
+    if action == "labelmap" and not _relabel_target(replacement):
         raise RelabelConfigError(
             f"{where}.replacement", f"{replacement!r} is invalid 'replacement' for {action} action"
         )

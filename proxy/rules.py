@@ -11,8 +11,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from proxy.relabel import RelabelConfigError, Rule, parse_rule, parse_rules
 from proxy.rewrite import RuleSet
 from proxy.settings import ConfigError, Settings, env_name, flag_name
@@ -32,6 +30,8 @@ def parse_config_text(text: str, *, expand_env: bool, environ: Mapping[str, str]
     Scalars are read as strings (YAML's BaseLoader), as Prometheus's Go YAML reads them into its
     string fields: `replacement: 1` is the string "1", `true` is "true".
     """
+    import yaml  # here, not at the top: a proxy without rules never loads it
+
     try:
         document = yaml.load(
             text, Loader=yaml.BaseLoader
