@@ -18,7 +18,7 @@ import socket
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -30,6 +30,8 @@ __all__ = [
     "UnknownCollectorError",
     "add_arguments",
     "bound_port",
+    "huge_blocks",
+    "huge_length",
     "run_fake_exporter",
     "serve_from_args",
 ]
@@ -46,6 +48,23 @@ STATUS_FAMILIES = frozenset(
     }
 )
 SLOW_BODY_PIECES = 16
+# What Fault.GARBAGE answers instead of HTTP: an SSH banner and binary noise, as a wrong service
+# (or a port reused by something else) would send.
+GARBAGE = b"SSH-2.0-OpenSSH_9.2\r\n\x00\xff\xfe\x80 this is not HTTP \x1b[0m\r\n\r\n"
+# Fault.HUGE: a generated body of this many bytes by default, streamed block by block.
+HUGE_BYTES = 400 * 1024 * 1024
+HUGE_FAMILY = "windows_fake_huge_series"
+_HUGE_HEADER = (
+    f"# HELP {HUGE_FAMILY} A generated series, one per line, for bodies larger than any buffer.\n"
+    f"# TYPE {HUGE_FAMILY} gauge\n"
+).encode()
+_HUGE_MARK = b"@@@@@@@@"  # replaced by the block number: every line is a distinct series
+_HUGE_BLOCK = b"".join(
+    b'%s{block="%s",line="%04d"} %d\n' % (HUGE_FAMILY.encode(), _HUGE_MARK, line, line)
+    for line in range(4096)
+)
+# Fault.CORRUPT_GZIP: this many bytes are inverted in the middle of the gzip stream.
+CORRUPT_GZIP_BYTES = 16
 # Pauses of in-flight faults, per application, so that its shutdown can cut them short.
 PAUSES = web.AppKey("fake_exporter_pauses", set[asyncio.Future[bool]])
 VARIANT_CACHE_SIZE = 32
@@ -60,6 +79,9 @@ class Fault(enum.StrEnum):
     RESET = "reset"
     HANG = "hang"
     ERROR = "error"
+    GARBAGE = "garbage"  # answers bytes that are not HTTP, then closes
+    HUGE = "huge"  # a valid exposition of `huge_bytes` bytes, generated while it is sent
+    CORRUPT_GZIP = "corrupt_gzip"  # gzip (asked for or not) with bytes flipped mid-stream
 
 
 class UnknownCollectorError(ValueError):
@@ -314,6 +336,7 @@ class FakeExporter:
         max_concurrent: int = 1,
         fault: Fault = Fault.NONE,
         latency: float = 1.0,
+        huge_bytes: int = HUGE_BYTES,
         source: bytes | None = None,
     ) -> None:
         if scale < 1:
@@ -323,6 +346,7 @@ class FakeExporter:
         self.max_concurrent = max_concurrent
         self.fault = Fault(fault)
         self.latency = latency
+        self.huge_bytes = huge_bytes
         self.scrapes = 0
         self.served = 0
         self.rejected = 0
@@ -335,6 +359,11 @@ class FakeExporter:
             body = self.payload.render(collectors=None, openmetrics=openmetrics, scale=scale)
             for compress in (False, True):
                 self._pinned[openmetrics, compress] = self._wrap(body, openmetrics, compress)
+
+    @property
+    def in_flight(self) -> int:
+        """Scrapes being answered now (what max_concurrent limits)."""
+        return self._in_flight
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -402,22 +431,49 @@ class FakeExporter:
     ) -> web.StreamResponse:
         if fault is Fault.ERROR:
             return self._text(500, "fake windows_exporter: injected error\n")
+        if fault is Fault.GARBAGE:
+            return self._garbage(request)
         if fault is Fault.HANG:
             await _pause(request, None)
         if fault is Fault.LATENCY:
             await _pause(request, self.latency)
-        variant = self.variant(
-            collectors,
-            openmetrics=_wants_openmetrics(request.headers.get("Accept", "")),
-            compress=_wants_gzip(request.headers.get("Accept-Encoding", "")),
-        )
+        openmetrics = _wants_openmetrics(request.headers.get("Accept", ""))
+        compress = _wants_gzip(request.headers.get("Accept-Encoding", ""))
+        if fault is Fault.CORRUPT_GZIP:
+            compress = True  # like a broken exporter or middlebox, whatever the client accepts
+        variant = self.variant(collectors, openmetrics=openmetrics, compress=compress)
         # Body faults need a body: a HEAD answer must not carry one, so it is served normally.
         if fault is Fault.SLOW_BODY and request.method != "HEAD":
             return await self._slow_body(request, variant)
         if fault is Fault.RESET and request.method != "HEAD":
             return await self._reset(request, variant)
+        if fault is Fault.HUGE:
+            return await self._huge(request)
+        if fault is Fault.CORRUPT_GZIP:
+            variant = corrupted(variant)
         self.served += 1
         return web.Response(body=variant.body, headers=variant.headers)
+
+    def _garbage(self, request: web.Request) -> web.StreamResponse:
+        """Answer bytes that are not HTTP, then close: a wrong service on the exporter's port."""
+        transport = request.transport
+        if transport is None:
+            raise _ConnectionDropped
+        transport.write(GARBAGE)
+        transport.close()  # after the bytes are flushed
+        raise _ConnectionDropped
+
+    async def _huge(self, request: web.Request) -> web.StreamResponse:
+        """A valid text exposition of about `huge_bytes`, never held whole: one block at a time."""
+        response = web.StreamResponse(headers={"Content-Type": TEXT_CONTENT_TYPE})
+        response.content_length = huge_length(self.huge_bytes)
+        await response.prepare(request)
+        if request.method != "HEAD":
+            for block in huge_blocks(self.huge_bytes):
+                await response.write(block)  # waits while the client is not reading
+        await response.write_eof()
+        self.served += 1
+        return response
 
     async def _slow_body(self, request: web.Request, variant: _Variant) -> web.StreamResponse:
         response = web.StreamResponse(headers=variant.headers)
@@ -456,6 +512,34 @@ class FakeExporter:
 
     async def _health(self, _request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
+
+
+def corrupted(gzipped: _Variant) -> _Variant:
+    """Fault.CORRUPT_GZIP's answer: the gzipped variant with bytes inverted mid-stream.
+
+    The HTTP framing stays valid (the right Content-Length): only a gunzip of the body fails.
+    """
+    body = bytearray(gzipped.body)
+    middle = len(body) // 2
+    for index in range(middle, middle + CORRUPT_GZIP_BYTES):
+        body[index] ^= 0xFF
+    return _Variant(bytes(body), gzipped.headers)
+
+
+def _huge_block_count(size: int) -> int:
+    return -(-max(size - len(_HUGE_HEADER), 0) // len(_HUGE_BLOCK))
+
+
+def huge_length(size: int) -> int:
+    """The exact length of Fault.HUGE's body for `huge_bytes=size` (at least `size`)."""
+    return len(_HUGE_HEADER) + _huge_block_count(size) * len(_HUGE_BLOCK)
+
+
+def huge_blocks(size: int) -> Iterator[bytes]:
+    """Fault.HUGE's body: the header, then 4096-line blocks of distinct series, about `size` bytes."""
+    yield _HUGE_HEADER
+    for number in range(_huge_block_count(size)):
+        yield _HUGE_BLOCK.replace(_HUGE_MARK, b"%08d" % number)
 
 
 async def _pause(request: web.Request, seconds: float | None) -> None:
@@ -528,6 +612,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--latency", type=_at_least(0.0, float), default=1.0, help="seconds, for latency/slow_body"
     )
+    parser.add_argument(
+        "--huge-bytes", type=_at_least(0, int), default=HUGE_BYTES, help="body size for the huge fault"
+    )
 
 
 async def serve_from_args(args: argparse.Namespace, stop: asyncio.Event) -> None:
@@ -536,6 +623,7 @@ async def serve_from_args(args: argparse.Namespace, stop: asyncio.Event) -> None
         max_concurrent=args.max_concurrent,
         fault=Fault(args.fault),
         latency=args.latency,
+        huge_bytes=args.huge_bytes,
     )
     runner = await run_fake_exporter(exporter, args.listen_address, args.listen_port)
     try:

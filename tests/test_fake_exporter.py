@@ -10,6 +10,7 @@ import importlib.resources
 import io
 import re
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,13 +18,17 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
+from prometheus_client.parser import text_string_to_metric_families as text_format_families
 
 from proxy.fake_exporter import (
+    GARBAGE,
     ExporterPayload,
     FakeExporter,
     Fault,
     add_arguments,
     bound_port,
+    huge_blocks,
+    huge_length,
     run_fake_exporter,
     serve_from_args,
 )
@@ -414,3 +419,104 @@ def test_bad_arguments(argv: list[str]) -> None:
     add_arguments(parser)
     with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
         parser.parse_args(argv)
+
+
+# --- the faults added for the fault matrix (tests/test_faults.py) -------------------------------------
+
+
+async def test_garbage_is_not_http() -> None:
+    fake = FakeExporter(fault=Fault.GARBAGE)
+    server = await run_fake_exporter(fake, "127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", bound_port(server))
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 2)  # the exporter closes after the bytes
+        writer.close()
+    finally:
+        await server.cleanup()
+    assert answer == GARBAGE
+    assert not answer.startswith(b"HTTP/")
+    assert (fake.scrapes, fake.served, fake.in_flight) == (1, 0, 0)
+
+
+async def test_huge_is_a_valid_exposition_of_the_asked_size(serve: Serve) -> None:
+    cli, fake = await serve(fault=Fault.HUGE, huge_bytes=3_000_000)
+    response = await cli.get("/metrics", headers=IDENTITY)
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    length = huge_length(3_000_000)
+    assert 3_000_000 <= length < 3_000_000 + 250_000
+    assert response.headers["Content-Length"] == str(length)
+    body = await response.read()
+    assert len(body) == length
+    assert body == b"".join(huge_blocks(3_000_000))
+    families = list(text_format_families(body.decode()))
+    assert [f.name for f in families] == ["windows_fake_huge_series"]
+    series = families[0].samples
+    assert len({tuple(sorted(s.labels.items())) for s in series}) == len(series)  # all distinct
+    assert fake.served == 1
+
+
+async def test_huge_is_generated_while_it_is_sent(serve: Serve) -> None:
+    """Not held: the body is written block by block as the client reads, so it can exceed memory."""
+    cli, _ = await serve(fault=Fault.HUGE, huge_bytes=64 << 20)
+    blocks = huge_blocks(64 << 20)
+    assert next(blocks).startswith(b"# HELP ")
+    assert len(next(blocks)) < 300_000
+    response = await cli.get("/metrics")
+    first = await response.content.read(1000)
+    assert first.startswith(b"# HELP windows_fake_huge_series ")
+    response.close()  # hanging up mid-body frees the exporter
+    head = await cli.head("/metrics")
+    assert head.headers["Content-Length"] == str(huge_length(64 << 20))
+    assert await head.read() == b""
+    assert huge_length(0) == len(next(huge_blocks(0)))
+
+
+def inflate_whole(data: bytes) -> bytes:
+    inflate = zlib.decompressobj(wbits=31)
+    out = inflate.decompress(data) + inflate.flush()
+    if not inflate.eof:
+        raise EOFError("gzip stream ended early")
+    return out
+
+
+@pytest.mark.parametrize("accept_encoding", ["gzip", "identity"])
+async def test_corrupt_gzip_is_gzip_that_fails_midway(serve: Serve, accept_encoding: str) -> None:
+    cli, fake = await serve(fault=Fault.CORRUPT_GZIP)
+    response = await cli.get("/metrics", headers={"Accept-Encoding": accept_encoding}, auto_decompress=False)
+    assert response.status == 200
+    assert response.headers["Content-Encoding"] == "gzip"  # sent even when not asked for
+    body = await response.read()
+    assert response.headers["Content-Length"] == str(len(body))
+    good = gzip.compress(CAPTURE, compresslevel=6, mtime=0)
+    assert len(body) == len(good)
+    assert body[: len(good) // 2] == good[: len(good) // 2]  # the first half is intact
+    assert body != good
+    with pytest.raises((OSError, EOFError, zlib.error)):
+        gzip.decompress(body)
+    with pytest.raises((zlib.error, EOFError)):  # as a streaming gunzip (the proxy's) sees it
+        inflate_whole(body)
+    fake.fault = Fault.NONE
+    response = await cli.get("/metrics", headers={"Accept-Encoding": "gzip"}, auto_decompress=False)
+    assert gzip.decompress(await response.read()) == CAPTURE  # the cached good variant is untouched
+
+
+async def test_in_flight_counts_scrapes_being_answered(serve: Serve) -> None:
+    cli, fake = await serve(fault=Fault.LATENCY, latency=0.2)
+    assert fake.in_flight == 0
+    scrape = asyncio.create_task(cli.get("/metrics"))
+    await scrape_started(fake)
+    assert fake.in_flight == 1
+    response = await scrape
+    await response.read()
+    assert fake.in_flight == 0
+
+
+def test_huge_bytes_argument() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--fault", "huge", "--huge-bytes", "1000"])
+    assert (args.fault, args.huge_bytes) == ("huge", 1000)
+    assert parser.parse_args([]).huge_bytes == 400 * 1024 * 1024
+    assert {"garbage", "huge", "corrupt_gzip"} <= {f.value for f in Fault}
