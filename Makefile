@@ -27,3 +27,18 @@ system-deps:
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+## Benchmarks beside nginx and exporter_exporter (issue 5): installs the bench extra and, as root,
+## the peers (nginx-light, wrk, prometheus-exporter-exporter); writes benchmarks/RESULTS.md and
+## benchmarks/results.png. Pass flags with BENCH_ARGS, e.g. `make bench BENCH_ARGS='--scales 1'`.
+BENCH_STAMP := $(VENV)/.installed-bench
+BENCH_ARGS  ?=
+
+.PHONY: bench
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP) system-deps
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
