@@ -20,6 +20,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from proxy.exposition import (
     family_members,
@@ -35,8 +36,10 @@ BOM = b"\xef\xbb\xbf"
 _FILTERS = frozenset({"keep", "drop", "keepequal", "dropequal"})
 EOF_LINE = b"# EOF"
 
-# (sample name, output prefix `series ` or None when dropped, new sample name)
-Outcome = tuple[bytes, bytes | None, bytes | None]
+# (sample name, output prefix `series ` or SAME when the line goes out as it came, or None when
+# it is dropped, new sample name). Output lists hold lines without their newline.
+Outcome = tuple[bytes, Any, bytes | None]
+SAME: Any = object()
 # The new name of a series whose rules removed its name: Prometheus fails the whole scrape then
 # ("missing metric name"), so the rewriter does too.
 NAMELESS = b""
@@ -61,6 +64,7 @@ class RuleSet:
             for rule in self.rules
         )
         self._kept_names: dict[bytes, bool] = {}
+        self.metadata: dict[bytes, Comment] = {}  # HELP/TYPE/UNIT lines, parsed once
 
     def __len__(self) -> int:
         return len(self.rules)
@@ -80,7 +84,7 @@ class RuleSet:
         elif not result.get(NAME_LABEL):
             outcome = (old_name, None, NAMELESS)
         elif result is original or result == original:
-            outcome = (old_name, series + b" ", old_name)
+            outcome = (old_name, SAME, old_name)
         else:
             new_name = result.pop(NAME_LABEL)
             text = format_series(new_name, sorted(result.items()))
@@ -98,7 +102,7 @@ class RuleSet:
             kept = process({NAME_LABEL: text}, self.rules) is not None
             if len(self._kept_names) < self.cache_size:
                 self._kept_names[name] = kept
-        return self._remember(series, (name, series + b" ", name) if kept else (name, None, None))
+        return self._remember(series, (name, SAME, name) if kept else (name, None, None))
 
     def _remember(self, series: bytes, outcome: Outcome) -> Outcome:
         cache = self.cache
@@ -158,7 +162,7 @@ class Rewriter:
             self._lines_renaming(lines, out)
         else:
             self._lines(lines, out)
-        return b"".join(out)
+        return _joined(out)
 
     def finish(self) -> bytes:
         """Rewrite a last line that had no newline and close the last family."""
@@ -175,7 +179,7 @@ class Rewriter:
             else:
                 self._lines(lines, out)
         self._end_family(out)
-        return b"".join(out)
+        return _joined(out)
 
     # -- the hot loop (rules never rename) ---------------------------------------------------------
 
@@ -232,7 +236,7 @@ class Rewriter:
             if not emitted:
                 self._write_meta(self._family, self._meta, out)
                 emitted = True
-            append(prefix + tail + b"\n")
+            append(line if prefix is SAME else prefix + tail)
         self._emitted = emitted
         stats.cache_hits += hits
         stats.kept += kept
@@ -301,7 +305,7 @@ class Rewriter:
                 continue
             stats.kept += 1
             self._held_kept = True
-            self._held.append(prefix + tail + b"\n")
+            self._held.append(line if prefix is SAME else prefix + tail)
             self._track_move(old_name, new_name)
 
     def _track_move(self, old_name: bytes, new_name: bytes) -> None:
@@ -324,29 +328,32 @@ class Rewriter:
     # -- families, metadata and odd lines -------------------------------------------------------------
 
     def _comment(self, line: bytes, out: list[bytes]) -> None:
-        if line.rstrip(b"\r") == EOF_LINE and not self._eof_seen:
-            self._end_family(out)
-            self._eof_seen = True
-            out.append(line + b"\n")
-            return
-        meta = None if self._eof_seen else parse_metadata(line)
-        if meta is None:
+        # The same HELP and TYPE lines come back every scrape: parse each once (per RuleSet).
+        meta = self.rules.metadata.get(line, _UNSEEN)
+        if meta is _UNSEEN:
+            meta = _parse_comment(line)
+            if len(self.rules.metadata) < self.rules.cache_size:
+                self.rules.metadata[line] = meta
+        if meta is None or self._eof_seen:
             if self.openmetrics:
                 self._unparsable(line, out)  # OpenMetrics has no free comments: let the scraper judge
             return  # text format: a comment carries nothing
-        kind, name, rest = meta
+        kind, name, members = meta
+        if kind is None:  # "# EOF"
+            self._end_family(out)
+            self._eof_seen = True
+            out.append(line)
+            return
         if name != self._family:
             self._end_family(out)
             self._family = name
-            self._members = family_members(name, None)
-            self._meta = []
-            self._emitted = False
-        if kind == b"TYPE":
-            self._members = family_members(name, rest.strip().split(b" ", 1)[0])
+            self._members = members if members is not None else frozenset((name,))
+        elif members is not None:
+            self._members = members
         if self._emitted and not self.rules.can_rename:
-            out.append(line + b"\n")  # metadata after the family's samples: keep it in place
+            out.append(line)  # metadata after the family's samples: keep it in place
         else:
-            self._meta.append(line + b"\n")
+            self._meta.append(line)
 
     def _implicit_family(self, name: bytes, out: list[bytes]) -> None:
         """A sample outside the current family starts a family of its own, without metadata."""
@@ -359,25 +366,27 @@ class Rewriter:
     def _unparsable(self, line: bytes, out: list[bytes]) -> None:
         self.stats.unparsable += 1
         if self.rules.can_rename:
-            self._held.append(line + b"\n")
+            self._held.append(line)
         else:
-            out.append(line + b"\n")
+            out.append(line)
 
     def _end_family(self, out: list[bytes]) -> None:
-        if self.rules.can_rename and self._held:
+        if self._held:
             if self._held_kept and self._meta and self._consistent and self._new_family is not None:
                 if self._new_family == self._family:
                     self._write_meta(self._family, self._meta, out)
                 else:
                     self._write_meta(self._new_family, self._renamed_meta(self._new_family), out)
             out.extend(self._held)
-        self._held = []
-        self._held_kept = False
-        self._new_family = None
-        self._consistent = True
+            self._held = []
+        if self.rules.can_rename:
+            self._held_kept = False
+            self._new_family = None
+            self._consistent = True
         self._family = None
-        self._members = frozenset()
-        self._meta = []
+        self._members = _NO_MEMBERS
+        if self._meta:
+            self._meta = []
         self._emitted = False
 
     def _write_meta(self, family: bytes | None, lines: list[bytes], out: list[bytes]) -> None:
@@ -391,10 +400,36 @@ class Rewriter:
     def _renamed_meta(self, new_family: bytes) -> list[bytes]:
         lines = []
         for raw in self._meta:
-            meta = parse_metadata(raw.rstrip(b"\n"))
+            meta = parse_metadata(raw)
             if meta is not None:
-                lines.append(format_metadata(meta[0], new_family, meta[2]) + b"\n")
+                lines.append(format_metadata(meta[0], new_family, meta[2]))
         return lines
+
+
+_UNSEEN = object()
+_NO_MEMBERS: frozenset[bytes] = frozenset()
+# A parsed comment line: (kind, family name, the sample names of its family or None), with kind
+# None for "# EOF"; None for a comment that is neither.
+Comment = tuple[bytes | None, bytes, frozenset[bytes] | None] | None
+
+
+def _parse_comment(line: bytes) -> Comment:
+    if line.rstrip(b"\r") == EOF_LINE:
+        return (None, b"", None)
+    meta = parse_metadata(line)
+    if meta is None:
+        return None
+    kind, name, rest = meta
+    if kind == b"TYPE":
+        return kind, name, family_members(name, rest.strip().split(b" ", 1)[0])
+    return kind, name, None
+
+
+def _joined(lines: list[bytes]) -> bytes:
+    if not lines:
+        return b""
+    lines.append(b"")
+    return b"\n".join(lines)
 
 
 class BrokenBody(Exception):
