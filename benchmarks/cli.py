@@ -20,6 +20,8 @@ from benchmarks.report import (
     draw_chart,
     load_average,
     preserved_optimisations,
+    proxy_fingerprint,
+    proxy_state,
     render,
     stdout_report,
 )
@@ -142,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _sigterm)
     started, t0, load_before = datetime.now(UTC), time.monotonic(), load_average()
+    proxy_at_start, fingerprint = proxy_state(), proxy_fingerprint()
     settings = Settings(
         duration_s=args.duration,
         warmup_s=0.2 if args.smoke else 1.0,
@@ -220,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
     notes += _odd_things(rows, sizes)
+    if proxy_fingerprint() != fingerprint:
+        notes.insert(
+            0,
+            f"**the proxy's source (proxy/) changed during this run** (it began at {proxy_at_start}, "
+            f"now {proxy_state()}): its rows may have measured different code; run again",
+        )
     results = Results(
         started=started,
         elapsed_s=0.0,
@@ -235,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         tools=tools,
         notes=notes,
         load_before=load_before,
+        proxy_at_start=proxy_at_start,
     )
     chart_rel = None
     if args.chart and args.out is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.metadata
 import os
 import platform
@@ -57,6 +59,7 @@ class Results:
     chart: Path | None = None
     chart_skipped: str | None = None
     load_before: str = ""  # /proc/loadavg's 1, 5 and 15 minute averages when the run began
+    proxy_at_start: str = ""  # proxy_state() when the run began
 
     def row(self, scenario: str, name: str) -> Row | None:
         for row in self.rows:
@@ -453,7 +456,8 @@ def _dist_version(name: str) -> str:
         return "not installed"
 
 
-def _git_commit() -> str:
+def proxy_state() -> str:
+    """The proxy's commit, and whether proxy/ differs from it; read when the run begins."""
     try:
         head = subprocess.run(
             ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
@@ -468,17 +472,27 @@ def _git_commit() -> str:
             timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return f"{head} (proxy/ with uncommitted changes)" if dirty else head or "unknown"
+        return "commit unknown"
+    return f"commit {head or 'unknown'}" + (" with uncommitted changes in proxy/" if dirty else "")
 
 
-def versions(tools: peers.Tools) -> dict[str, str]:
+def proxy_fingerprint() -> str:
+    """A hash of the proxy's source: if it changes during a run, rows measured different code."""
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "proxy").rglob("*.py")):
+        digest.update(path.relative_to(REPO).as_posix().encode())
+        with contextlib.suppress(OSError):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def versions(tools: peers.Tools, proxy_at_start: str) -> dict[str, str]:
     try:
         from proxy import __version__ as proxy_version
     except ImportError:
         proxy_version = "unknown"
     found = {
-        "windows-metrics-proxy": f"{proxy_version}, commit {_git_commit()}",
+        "windows-metrics-proxy": f"{proxy_version}, {proxy_at_start}",
         "python": sys.version.split()[0],
         "aiohttp": _dist_version("aiohttp"),
         "uvloop": _dist_version("uvloop"),
@@ -542,7 +556,7 @@ def _method(results: Results) -> str:
 
 def render(results: Results, optimisations: str, *, chart_rel: str | None) -> str:
     info = machine()
-    found = versions(results.tools)
+    found = versions(results.tools, results.proxy_at_start)
     sizes = ", ".join(f"{X}{s} = {n:,} bytes" for s, n in sorted(results.payload_bytes.items()))
     parts = [
         "# Benchmarks: windows-metrics-proxy beside nginx and exporter_exporter",
