@@ -1,0 +1,480 @@
+"""Hostile clients against the proxy as it runs in production: `start_proxy`, with its listener.
+
+Methods, request targets and Host games that must never reach anything but the configured
+exporter; oversized and malformed heads; slowloris; the connection cap; clients that go away
+mid-body or stop reading. Raw bytes over sockets on 127.0.0.1, every wait bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from proxy.app import TELEMETRY_KEY
+from proxy.fake_exporter import FakeExporter, Fault, bound_port, huge_length, run_fake_exporter
+from proxy.server import RunningProxy, start_proxy
+from proxy.settings import load_settings
+from tests.conftest import LOOPBACK
+from tests.rawserver import RawServer, raw_server
+from tests.test_fake_exporter import CAPTURE
+
+CLOSE = b"Connection: close\r\n\r\n"
+
+
+@dataclass
+class Served:
+    proxy: RunningProxy
+    fake: FakeExporter | None
+
+    @property
+    def port(self) -> int:
+        return self.proxy.port
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.proxy.runner.app[TELEMETRY_KEY].registry.get_sample_value(name, labels)
+        assert value is not None, (name, labels)
+        return value
+
+    def outcome(self, outcome: str) -> float:
+        return self.metric("windows_metrics_proxy_upstream_requests_total", outcome=outcome)
+
+
+@contextlib.asynccontextmanager
+async def serving(fake: FakeExporter | None = None, port: int = 0, **settings: Any) -> AsyncIterator[Served]:
+    """The proxy from start_proxy on a free 127.0.0.1 port, in front of `fake` (or of `port`)."""
+    runner: web.AppRunner | None = None
+    if fake is not None:
+        runner = await run_fake_exporter(fake, LOOPBACK, 0)
+        port = bound_port(runner)
+    values = {"hostip": LOOPBACK, "port": port, "listen_address": LOOPBACK, "listen_port": 0}
+    values.update(settings)
+    proxy = await start_proxy(load_settings(**{k: str(v) for k, v in values.items()}))
+    try:
+        yield Served(proxy, fake)
+    finally:
+        await proxy.close()
+        if runner is not None:
+            await runner.cleanup()
+
+
+async def exchange(port: int, data: bytes, limit: float = 5.0) -> bytes:
+    """Send raw bytes and read what comes back until the proxy closes (at most `limit` seconds)."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        chunks: list[bytes] = []
+        async with asyncio.timeout(limit):
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := await reader.read(65536):
+                    chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        writer.close()
+
+
+def status_of(answer: bytes) -> int:
+    assert answer.startswith(b"HTTP/1."), answer[:100]
+    return int(answer.split(b" ", 2)[1])
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One response with a Content-Length body from a keep-alive connection (within 5 s)."""
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        return status_of(head), await reader.readexactly(length)
+
+
+def no_tracebacks(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        f"{r.name} {r.levelname} {r.getMessage()}"
+        for r in caplog.records
+        if r.exc_info or r.levelno >= logging.ERROR
+    ]
+
+
+# --- methods ------------------------------------------------------------------------------------------
+
+METHODS = ("POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "PROPFIND", "MKCOL", "LOCK", "PURGE")
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/health", "/ready", "/proxy/metrics"])
+async def test_every_method_but_get_and_head_is_405(path: str) -> None:
+    fake = FakeExporter()
+    async with serving(fake) as served:
+        for method in METHODS:
+            request = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n".encode()
+            answer = await exchange(served.port, request + CLOSE + b"{}")
+            assert status_of(answer) == 405, (method, answer[:200])
+            head = answer.split(b"\r\n\r\n", 1)[0].lower()
+            assert b"\r\nallow: get,head" in head.replace(b", ", b","), (method, head)
+        # Tokens that are no HTTP method at all never reach a handler either.
+        for method in ("FOO", "get", "G\x7fET"):
+            answer = await exchange(served.port, f"{method} {path} HTTP/1.1\r\nHost: x\r\n".encode() + CLOSE)
+            assert status_of(answer) in (400, 405, 501), (method, answer[:200])
+    assert fake.scrapes == 0
+
+
+# --- nothing but the configured exporter ------------------------------------------------------------
+
+
+async def test_no_request_target_or_header_reaches_anything_else() -> None:
+    """Extends test_app's case list; checks what the configured exporter received, too."""
+
+    async def answer(head: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\n")
+        if not head.startswith(b"HEAD "):
+            writer.write(b"up 1\n")
+        await writer.drain()
+
+    async with raw_server(answer) as exporter, raw_server(answer) as other:
+        target = f"{LOOPBACK}:{other.port}"
+        attempts = [
+            # absolute-form and authority-form targets
+            f"GET https://{target}/metrics HTTP/1.1\r\nHost: {target}\r\n",
+            f"GET http://{target}/metrics?collect[]=cpu HTTP/1.1\r\nHost: x\r\n",
+            f"GET http://x@{target}/metrics HTTP/1.1\r\nHost: x\r\n",
+            f"GET http://{target}:80@x/metrics HTTP/1.1\r\nHost: x\r\n",
+            f"GET http://{target} HTTP/1.1\r\nHost: x\r\n",
+            f"HEAD http://{target}/metrics HTTP/1.1\r\nHost: {target}\r\n",
+            f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n",
+            f"CONNECT {LOOPBACK}:{other.port} HTTP/1.1\r\n",
+            f"CONNECT {target} HTTP/1.0\r\nHost: x\r\n",
+            f"OPTIONS * HTTP/1.1\r\nHost: {target}\r\n",
+            f"GET http://{target}/metrics HTTP/1.0\r\n",
+            # dot segments, percent-encoding, doubled slashes
+            "GET /%6Detrics HTTP/1.1\r\nHost: x\r\n",
+            "GET /%6d%65%74%72%69%63%73 HTTP/1.1\r\nHost: x\r\n",
+            "GET /metrics/../metrics HTTP/1.1\r\nHost: x\r\n",
+            "GET /metrics/..%2fhealth HTTP/1.1\r\nHost: x\r\n",
+            "GET /%2e%2e/metrics HTTP/1.1\r\nHost: x\r\n",
+            "GET /./metrics HTTP/1.1\r\nHost: x\r\n",
+            "GET //metrics HTTP/1.1\r\nHost: x\r\n",
+            f"GET ///{target}/metrics HTTP/1.1\r\nHost: x\r\n",
+            f"GET /metrics;@{target} HTTP/1.1\r\nHost: x\r\n",
+            "GET /metrics%00 HTTP/1.1\r\nHost: x\r\n",
+            f"GET /metrics?url=http://{target}/ HTTP/1.1\r\nHost: x\r\n",
+            f"GET /metrics?%0d%0aHost:%20{target} HTTP/1.1\r\nHost: x\r\n",
+            f"GET /metrics?a=1%23@{target}/ HTTP/1.1\r\nHost: x\r\n",
+            # Host and forwarding headers
+            f"GET /metrics HTTP/1.1\r\nHost: {target}@{LOOPBACK}\r\n",
+            f"GET /metrics HTTP/1.1\r\nHost: {LOOPBACK}\r\nHost: {target}\r\n",
+            f"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Original-URL: http://{target}/metrics\r\n",
+            f"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Rewrite-URL: http://{target}/metrics\r\n",
+            f"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Forwarded-Proto: https\r\n"
+            f"X-Forwarded-Port: {other.port}\r\nX-Forwarded-Host: {target}\r\n",
+            f"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Real-IP: {LOOPBACK}\r\nVia: 1.1 {target}\r\n",
+            f"GET /metrics HTTP/1.1\r\nHost: x\r\nForwarded: for=x;host={target};proto=http\r\n",
+            f"GET /metrics HTTP/1.1\r\nHost: x\r\nProxy-Connection: keep-alive\r\nProxy: http://{target}\r\n",
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\n",
+            f"GET /metrics HTTP/1.1\r\nHost: x\r\nReferer: http://{target}/\r\nOrigin: http://{target}\r\n",
+        ]
+        statuses: list[int | None] = []
+        async with serving(port=exporter.port) as served:
+            for attempt in attempts:
+                closing = "" if "\nConnection:" in attempt else "Connection: close\r\n"
+                answer = await exchange(served.port, f"{attempt}{closing}\r\n".encode(), limit=3)
+                statuses.append(status_of(answer) if answer else None)
+            await asyncio.sleep(0.1)
+        assert other.requests == []
+        assert other.connections == 0
+    assert 500 not in statuses, list(zip(attempts, statuses, strict=True))
+    assert_only_the_configured_request(exporter)
+    assert len(exporter.requests) >= 20  # most attempts were scrapes, served by the exporter
+
+
+def assert_only_the_configured_request(exporter: RawServer) -> None:
+    """Each request the exporter got is a GET or HEAD of /metrics, to its own address, with only
+    the negotiation and timeout headers the proxy forwards."""
+    allowed = {"host", "accept", "accept-encoding", "x-prometheus-scrape-timeout-seconds", "user-agent"}
+    for head in exporter.requests:
+        request_line, *lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
+        method, target, version = request_line.split(" ")
+        assert method in ("GET", "HEAD"), request_line
+        assert target.partition("?")[0] == "/metrics", request_line
+        assert version == "HTTP/1.1"
+        headers = {line.split(":", 1)[0].lower(): line.split(":", 1)[1].strip() for line in lines}
+        assert headers["host"] == f"{LOOPBACK}:{exporter.port}", head
+        assert set(headers) <= allowed, head
+
+
+# --- oversized and malformed heads ------------------------------------------------------------------
+
+OVERSIZED = {
+    "request line": b"GET /metrics?" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n",
+    "path": b"GET /" + b"m" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n",
+    "one header": b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 10_000 + b"\r\n",
+    "header name": b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-" + b"n" * 10_000 + b": 1\r\n",
+    "too many headers": b"GET /metrics HTTP/1.1\r\nHost: x\r\n"
+    + b"".join(b"X-H%d: v\r\n" % i for i in range(300)),
+}
+MALFORMED = {
+    "CL and TE": b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+    "two CLs": b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n",
+    "obs-fold": b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n",
+    "space before colon": b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-A : a\r\n",
+    "NUL in a value": b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n",
+    "two Hosts": b"GET /metrics HTTP/1.1\r\nHost: a\r\nHost: b\r\n",
+    "tab in the request line": b"GET /metrics\tHTTP/1.1\r\nHost: x\r\n",
+    "backslash target": b"GET \\metrics HTTP/1.1\r\nHost: x\r\n",
+    "non-ASCII query": b"GET /metrics?a=\xff HTTP/1.1\r\nHost: x\r\n",
+    "HTTP/2 preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n",
+}
+
+
+@pytest.mark.parametrize("name", [*OVERSIZED, *MALFORMED])
+async def test_oversized_or_malformed_head_is_4xx(name: str) -> None:
+    fake = FakeExporter()
+    async with serving(fake) as served:
+        answer = await exchange(served.port, {**OVERSIZED, **MALFORMED}[name] + CLOSE)
+        assert 400 <= status_of(answer) < 500, answer[:300]
+        normal = await exchange(served.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + CLOSE)
+        assert normal.endswith(CAPTURE)
+    assert fake.scrapes == 1  # only the normal scrape after it
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: every request aiohttp cannot parse (oversized line or header, bad header, bad URL) "
+    "is logged by logger 'aiohttp.server' at ERROR with a full traceback (aiohttp web_protocol.py "
+    "RequestHandler.handle_error -> log_exception). server.py's web.AppRunner(...) passes no "
+    "logger and logs.configure_logging() does not tame 'aiohttp.server', so any client can fill the "
+    "log with tracebacks that are not errors of the proxy",
+)
+@pytest.mark.parametrize("name", ["request line", "one header", "too many headers", "obs-fold"])
+async def test_oversized_or_malformed_head_logs_no_traceback(
+    name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with serving(FakeExporter()) as served:
+        answer = await exchange(served.port, {**OVERSIZED, **MALFORMED}[name] + CLOSE)
+        assert status_of(answer) == 400
+    assert no_tracebacks(caplog) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: only each line is limited (app.py create_app handler_args max_line_size/"
+    "max_field_size 8190) and aiohttp allows 128 headers, so a head of ~1 MiB (120 headers of "
+    "8000 bytes) is accepted and served 200; with PROXY_MAX_CONNECTIONS=256 that is ~256 MiB of "
+    "heads held at once. nginx, which this replaces, refuses a head over 4 x 8 KiB",
+)
+async def test_a_head_of_a_megabyte_is_refused() -> None:
+    fake = FakeExporter()
+    head = b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"".join(
+        b"X-H%d: %s\r\n" % (i, b"v" * 8000) for i in range(120)
+    )
+    async with serving(fake) as served:
+        answer = await exchange(served.port, head + CLOSE)
+    assert 400 <= status_of(answer) < 500, answer[:200]
+    assert fake.scrapes == 0
+
+
+# --- slowloris ------------------------------------------------------------------------------------------
+
+
+async def closed_within(reader: asyncio.StreamReader, limit: float) -> float | None:
+    """Seconds until the proxy closes the connection (EOF or reset), or None if it did not in time."""
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(limit):
+            while await reader.read(4096):
+                pass
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - started
+
+
+async def test_slowloris_is_closed_after_the_header_timeout(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    fake = FakeExporter()
+    async with serving(fake, header_timeout=0.5) as served:
+        reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
+        closing = asyncio.create_task(closed_within(reader, 3.0))
+        trickle = b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(100))
+        started = time.monotonic()
+        with contextlib.suppress(ConnectionError):
+            for byte in trickle:  # a byte every 20 ms: ~14 s for the whole head, were it let through
+                if closing.done():
+                    break
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.02)
+        elapsed = await closing
+        writer.close()
+        assert elapsed is not None, "the trickled head was never cut off"
+        assert 0.45 <= time.monotonic() - started < 1.5
+
+        # A connection that sends nothing at all is closed the same way.
+        idle_reader, idle_writer = await asyncio.open_connection(LOOPBACK, served.port)
+        assert await closed_within(idle_reader, 3.0) is not None
+        idle_writer.close()
+
+        # A slow but honest client finishing its head in time is served.
+        reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
+        request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + CLOSE
+        for piece in range(0, len(request), 10):
+            writer.write(request[piece : piece + 10])
+            await asyncio.sleep(0.03)
+        status, body = await read_response(reader)
+        writer.close()
+        assert (status, body) == (200, CAPTURE)
+        assert served.metric("windows_metrics_proxy_refused_connections_total", reason="header_timeout") == 2
+    assert fake.scrapes == 1  # the honest one; the trickled head never reached the exporter
+    cut = [r for r in caplog.records if r.getMessage().startswith("closed a connection that sent no")]
+    assert len(cut) == 2
+    assert no_tracebacks(caplog) == []
+
+
+# --- the connection cap -------------------------------------------------------------------------------
+
+
+async def test_connections_past_the_cap_get_503_and_are_closed() -> None:
+    fake = FakeExporter()
+    async with serving(fake, max_connections=3) as served:
+        open_ = [await asyncio.open_connection(LOOPBACK, served.port) for _ in range(3)]
+        for _ in range(100):
+            if served.metric("windows_metrics_proxy_open_connections") == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert served.metric("windows_metrics_proxy_open_connections") == 3
+        refused = await exchange(served.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", limit=3)
+        assert refused.startswith(b"HTTP/1.1 503 ")
+        assert refused.endswith(b"\r\n\r\ntoo many connections, retry\n")
+        assert b"\r\nConnection: close\r\n" in refused
+        assert served.metric("windows_metrics_proxy_refused_connections_total", reason="limit") == 1
+        for reader, writer in open_:  # the first three are served, and kept alive
+            for _ in range(2):
+                writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert await read_response(reader) == (200, CAPTURE)
+        assert fake.scrapes == 6
+        reader, writer = open_.pop()
+        writer.close()
+        for _ in range(100):
+            if served.metric("windows_metrics_proxy_open_connections") == 2:
+                break
+            await asyncio.sleep(0.01)
+        answer = await exchange(served.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + CLOSE)
+        assert status_of(answer) == 200  # a slot came free
+        for _, writer in open_:
+            writer.close()
+        assert served.metric("windows_metrics_proxy_refused_connections_total", reason="limit") == 1
+
+
+# --- clients that go away, or stop reading ----------------------------------------------------------------
+
+LINE = b'windows_cs_logical_processors{instance="x"} 8\n'
+
+
+@pytest.mark.parametrize("mode", ["passthrough", "relabel", "coalesced"])
+async def test_client_gone_mid_body_cancels_the_upstream_request(
+    mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The exporter trickles a long body; the scraper reads a little and hangs up. The proxy must
+    close that upstream connection (a half-read one cannot go back to the pool), count `cancelled`,
+    and serve the next scrape on a new connection."""
+    caplog.set_level(logging.DEBUG, logger="proxy")
+    requests = 0
+    upstream_closed = asyncio.Event()
+
+    async def trickle(head: bytes, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        requests += 1
+        if requests > 1:
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(LINE)
+            )
+            writer.write(LINE)
+            await writer.drain()
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 67108864\r\n\r\n")
+        try:
+            for _ in range(250):  # at most ~5 s
+                writer.write(LINE * 300)
+                await writer.drain()
+                if writer.is_closing():
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                return
+        except ConnectionError:
+            pass
+        upstream_closed.set()
+
+    settings: dict[str, Any] = {"coalesce": mode == "coalesced"}
+    if mode == "relabel":
+        settings["keep"] = "windows_.*"
+    async with raw_server(trickle) as upstream, serving(port=upstream.port, **settings) as served:
+        reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert await reader.read(1000)  # some of the body came through
+        writer.close()
+        await asyncio.wait_for(upstream_closed.wait(), 3)
+        for _ in range(100):
+            if served.outcome("cancelled"):
+                break
+            await asyncio.sleep(0.01)
+        assert served.outcome("cancelled") == 1
+        for outcome in ("success", "body_error", "body_timeout", "protocol_error"):
+            assert served.outcome(outcome) == 0, outcome
+        answer = await exchange(served.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + CLOSE)
+        assert status_of(answer) == 200
+        assert LINE in answer.partition(b"\r\n\r\n")[2]  # chunked when relabeled
+        assert served.outcome("success") == 1
+    assert requests == 2
+    assert upstream.connections == 2  # the dirty connection was not reused
+    lines = [r for r in caplog.records if getattr(r, "fields", {}).get("outcome") == "cancelled"]
+    assert len(lines) == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: no write deadline. app.py MetricsProxy._pump awaits writer.write(chunk) (aiohttp "
+    "drain) without any timeout, and the scrape deadline only bounds upstream reads (aiohttp "
+    "ClientTimeout), so a client that sends GET /metrics and never reads holds the handler, the "
+    "upstream connection and the exporter's one scrape slot for as long as it keeps the socket "
+    "open: every other scrape gets the exporter's 503. Observed: still in flight 2.5 s after a "
+    "0.75 s deadline",
+)
+async def test_a_client_that_stops_reading_is_cut_off_at_the_deadline() -> None:
+    fake = FakeExporter(fault=Fault.HUGE, huge_bytes=64 << 20)
+    async with serving(fake, scrape_timeout=1, shutdown_timeout=0.5) as served:
+        stuck = socket.socket()
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(stuck, (LOOPBACK, served.port))
+            await asyncio.get_running_loop().sock_sendall(stuck, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            for _ in range(100):  # the body is flowing, and then stalls in the full socket buffers
+                if fake.in_flight:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(2.5)
+            in_flight = served.metric("windows_metrics_proxy_scrapes_in_flight")
+            ended = sum(served.outcome(o) for o in ("body_timeout", "cancelled", "body_error"))
+            fake.fault = Fault.NONE
+            answer = await exchange(served.port, b"GET /metrics?x=1 HTTP/1.1\r\nHost: x\r\n" + CLOSE)
+        finally:
+            stuck.close()
+    assert (in_flight, ended) == (0, 1)
+    assert status_of(answer) == 200, answer[:200]
+    assert huge_length(64 << 20) > 16 << 20  # far more than the socket buffers hold
