@@ -224,7 +224,13 @@ def rewriter_table(results: Results) -> str:
     return _table(header, lines)
 
 
+def _growth(now: int | None, then: int | None) -> str:
+    return "—" if now is None or then is None else f"{kib_to_mb(now - then):+.1f}"
+
+
 def rss_table(results: Results) -> str:
+    """Passthrough's memory by payload: after the sequential run (Prometheus's pattern), and
+    after the 8-scraper run too (the steady figure of the targets)."""
     lines = []
     first: Row | None = None
     for scale in results.scales:
@@ -233,15 +239,25 @@ def rss_table(results: Results) -> str:
             lines.append([f"{X}{scale}", "not measured", "", ""])
             continue
         first = first or row
-        growth = (
-            f"{kib_to_mb(row.steady_rss_kib - first.steady_rss_kib):+.1f}"
-            if first is not row and first.steady_rss_kib is not None
-            else "—"
+        is_first = row is first
+        lines.append(
+            [
+                f"{X}{scale}",
+                f"{mb(row.seq_rss_kib)} / {mb(row.steady_rss_kib)}",
+                f"{mb(row.seq_peak_kib)} / {mb(row.peak_rss_kib)}",
+                "—"
+                if is_first
+                else f"{_growth(row.seq_rss_kib, first.seq_rss_kib)} / "
+                f"{_growth(row.steady_rss_kib, first.steady_rss_kib)}",
+            ]
         )
-        lines.append([f"{X}{scale}", mb(row.steady_rss_kib), mb(row.peak_rss_kib), growth])
-    return _table(
-        ["payload", "steady RSS MB", "peak RSS MB", f"steady growth from {X}{results.scales[0]}"], lines
-    )
+    header = [
+        "payload",
+        "steady RSS MB (after 1 / after 8 scrapers)",
+        "peak RSS MB (after 1 / after 8)",
+        f"steady growth from {X}{results.scales[0]} MB (1 / 8)",
+    ]
+    return _table(header, lines)
 
 
 # -- targets ---------------------------------------------------------------------------------------
@@ -521,9 +537,9 @@ def _method(results: Results) -> str:
     cold = results.rewriter[0].cold_passes if results.rewriter else 0
     return f"""\
 - **Durations:** every measurement is a wrk run of {s.duration_s} s: one sequential scraper
-  (`wrk -t1 -c1`), then 8 concurrent scrapers (`wrk -t2 -c8`), each after a warm-up of up to
-  {s.warmup_s:g} s / {s.warmup_max} sequential scrapes; wrk's request timeout is 60 s; the steady RSS is read
-  {s.settle_s:g} s after the last run. Every row runs at every scale.
+  (`wrk -t1 -c1`), then 8 concurrent scrapers (`wrk -t2 -c8`), after one warm-up of up to
+  {s.warmup_s:g} s / {s.warmup_max} sequential scrapes; wrk's request timeout is 60 s; RSS is read
+  {s.settle_s:g} s after each of the two runs. Every row runs at every scale.
 - **Upstream:** nginx (one worker, sendfile) serving the fake exporter's text rendering at each
   scale as a static file, so the upstream is never the bottleneck; each target is started fresh for
   each row and scale, as a subprocess, and stopped after it.
@@ -588,6 +604,9 @@ def render(results: Results, optimisations: str, *, chart_rel: str | None) -> st
         parts += [f"## {title}", "", scenario_table(results, scenario), ""]
     parts += [
         "## Memory of the proxy in passthrough, by payload",
+        "",
+        "Read after the sequential run and again after the 8-scraper run (the targets use the "
+        "latter); each payload has its own proxy process.",
         "",
         rss_table(results),
         "",

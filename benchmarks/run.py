@@ -56,8 +56,10 @@ class Row:
     seq: LoadResult | None = None  # 1 sequential scraper
     conc: LoadResult | None = None  # 8 concurrent scrapers
     body: Fetched | None = None
-    peak_rss_kib: int | None = None
-    steady_rss_kib: int | None = None
+    peak_rss_kib: int | None = None  # VmHWM after every run
+    steady_rss_kib: int | None = None  # VmRSS after every run
+    seq_rss_kib: int | None = None  # VmRSS after the sequential run only
+    seq_peak_kib: int | None = None  # VmHWM after the sequential run only
     skipped: str | None = None  # why it was not measured
     notes: list[str] = field(default_factory=list)  # what a reader should know about this row
 
@@ -268,6 +270,10 @@ class Bench:
                 row.notes.append(said)
             url = url_for(port, path)
             row.seq = self._load(proc, url, spec, threads=1, connections=1)
+            if proc is not None:  # memory after Prometheus's pattern, before the concurrent run
+                time.sleep(self.settings.settle_s)
+                row.seq_rss_kib = memory_kib(proc.pids(), "VmRSS")
+                row.seq_peak_kib = memory_kib(proc.pids(), "VmHWM")
             row.conc = self._load(proc, url, spec, threads=2, connections=8)
             if proc is not None:
                 time.sleep(self.settings.settle_s)
