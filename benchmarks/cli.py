@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +27,7 @@ from benchmarks.report import (
     stdout_report,
 )
 from benchmarks.rewriter import bench_rewriter, count_samples
-from benchmarks.run import Bench, Row, Settings, coalesce_specs, static_specs
+from benchmarks.run import REPO, Bench, Row, Settings, coalesce_specs, snapshot_proxy, static_specs
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "RESULTS.md"
@@ -82,6 +83,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="",
         help="only rows whose name contains one of these comma-separated words (the others are "
         "listed as not selected); e.g. nginx,passthrough",
+    )
+    parser.add_argument(
+        "--proxy-rev",
+        metavar="REV",
+        help="measure proxy/ as committed at this git revision (unpacked from git into the run's "
+        "temporary directory) instead of the working tree: a baseline, or a run the editor of "
+        "proxy/ cannot disturb",
     )
     parser.add_argument(
         "--no-coalesce-scenario", dest="coalesce", action="store_false", help="skip the coalescing scenario"
@@ -144,7 +152,6 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _sigterm)
     started, t0, load_before = datetime.now(UTC), time.monotonic(), load_average()
-    proxy_at_start, fingerprint = proxy_state(), proxy_fingerprint()
     settings = Settings(
         duration_s=args.duration,
         warmup_s=0.2 if args.smoke else 1.0,
@@ -162,9 +169,24 @@ def main(argv: list[str] | None = None) -> int:
     rewriter_results = []
     rewriter_skipped: str | None = None
     rewriter_scale = 1 if args.smoke else 10
+    proxy_root = REPO
     try:
+        if args.proxy_rev:
+            proxy_root = workdir / "proxy-src"
+            try:
+                commit = snapshot_proxy(args.proxy_rev, proxy_root)
+            except (ValueError, OSError, subprocess.SubprocessError) as exc:
+                log(f"error: {exc}")
+                return 2
+            if "proxy" in sys.modules:
+                raise RuntimeError("proxy was imported before --proxy-rev could take effect")
+            sys.path.insert(0, str(proxy_root))  # the rewriter, in-process, measures it too
+            proxy_at_start = f"--proxy-rev {args.proxy_rev} (commit {commit}, proxy/ unpacked from git)"
+        else:
+            proxy_at_start = proxy_state()
+        fingerprint = proxy_fingerprint(proxy_root)
         with Supervisor(workdir) as supervisor:
-            bench = Bench(supervisor, tools, workdir, settings, log)
+            bench = Bench(supervisor, tools, workdir, settings, log, proxy_root)
             www = workdir / "www"
             bodies: dict[int, bytes] = {}
             for scale in sorted({*args.scales, rewriter_scale}):
@@ -223,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
     notes += _odd_things(rows, sizes)
-    if proxy_fingerprint() != fingerprint:
+    if proxy_fingerprint(proxy_root) != fingerprint:
         notes.insert(
             0,
             f"**the proxy's source (proxy/) changed during this run** (it began at {proxy_at_start}, "

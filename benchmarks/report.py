@@ -492,11 +492,11 @@ def proxy_state() -> str:
     return f"commit {head or 'unknown'}" + (" with uncommitted changes in proxy/" if dirty else "")
 
 
-def proxy_fingerprint() -> str:
+def proxy_fingerprint(root: Path = REPO) -> str:
     """A hash of the proxy's source: if it changes during a run, rows measured different code."""
     digest = hashlib.sha256()
-    for path in sorted((REPO / "proxy").rglob("*.py")):
-        digest.update(path.relative_to(REPO).as_posix().encode())
+    for path in sorted((root / "proxy").rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
         with contextlib.suppress(OSError):
             digest.update(path.read_bytes())
     return digest.hexdigest()[:12]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -130,9 +132,36 @@ def write_keep_rules(path: Path) -> Path:
     return path
 
 
-def proxy_env() -> dict[str, str]:
-    """Our environment without PROXY_*: a developer's shell must not change what is measured."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}
+def proxy_env(proxy_root: Path) -> dict[str, str]:
+    """Our environment without PROXY_* (a developer's shell must not change what is measured),
+    importing the proxy from proxy_root (the working tree, or a snapshot of --proxy-rev)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(proxy_root), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def snapshot_proxy(rev: str, dest: Path) -> str:
+    """proxy/ as committed at rev, unpacked under dest (git archive); returns the short commit."""
+    resolved = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "--verify", f"{rev}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if resolved.returncode != 0:
+        raise ValueError(f"--proxy-rev {rev}: not a commit of {REPO}: {resolved.stderr.strip()}")
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "--format=tar", rev, "proxy"], capture_output=True, timeout=120
+    )
+    if archive.returncode != 0:
+        raise ValueError(f"--proxy-rev {rev}: git archive failed: {archive.stderr.decode().strip()}")
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, filter="data")
+        else:  # Python < 3.11.4; the archive comes from our own repository
+            tar.extractall(dest)
+    return resolved.stdout.strip()
 
 
 class Bench:
@@ -143,7 +172,9 @@ class Bench:
         workdir: Path,
         settings: Settings,
         log: Callable[[str], None],
+        proxy_root: Path = REPO,
     ) -> None:
+        self.proxy_root = proxy_root  # where `python -m proxy` imports the proxy from
         self.sup = supervisor
         self.tools = tools
         self.workdir = workdir
@@ -185,7 +216,9 @@ class Bench:
             "--latency",
             str(COALESCE_LATENCY_S),
         ]
-        proc = self.sup.start("fake-exporter", argv, port=port, env=proxy_env(), cwd=REPO)
+        proc = self.sup.start(
+            "fake-exporter", argv, port=port, env=proxy_env(self.proxy_root), cwd=self.proxy_root
+        )
         self.sup.wait_listening(proc)
         return proc
 
@@ -228,7 +261,7 @@ class Bench:
                 str(port),
                 *spec.proxy_args,
             ]
-            proc = self.sup.start(tag, argv, port=port, env=proxy_env(), cwd=REPO)
+            proc = self.sup.start(tag, argv, port=port, env=proxy_env(self.proxy_root), cwd=self.proxy_root)
         else:
             raise ValueError(spec.kind)
         self.sup.wait_listening(proc)
