@@ -71,9 +71,9 @@ def accepts_gzip(accept_encoding: str | None) -> bool:
 class ClientWriter:
     """One scraper's end of the body: its response, and its own gzip stream for rewritten bodies."""
 
-    __slots__ = ("_compressor", "response", "served")
+    __slots__ = ("_compressor", "_timer", "response", "served", "timed_out")
 
-    def __init__(self, head: Head, request: web.Request) -> None:
+    def __init__(self, head: Head, request: web.Request, time_limit: float) -> None:
         self.response = web.StreamResponse(status=head.status)
         headers = self.response.headers
         for name, value in head.headers:
@@ -87,6 +87,22 @@ class ClientWriter:
                 if request.method != "HEAD":  # a HEAD answer must not carry even a gzip trailer
                     self._compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)
         self.served = 0
+        # A scraper that stops reading must not hold the exporter's single scrape slot (or a
+        # coalesced flight) forever: past its own scrape timeout its connection is cut.
+        self.timed_out = False
+        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            time_limit, self._cut_off, request
+        )
+
+    def _cut_off(self, request: web.Request) -> None:
+        self._timer = None
+        self.timed_out = True
+        _abort(request)
+
+    def done(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     async def write(self, data: bytes) -> None:
         if self._compressor is not None:
@@ -143,6 +159,7 @@ class MetricsProxy:
     async def _lead(self, request: web.Request, flight: Flight | None) -> web.StreamResponse:
         """Ask the exporter and stream its answer to this scraper and to any followers."""
         handed_off = False
+        own_writer: ClientWriter | None = None
         try:
             deadline = self.upstream.deadline(request.headers.get(SCRAPE_TIMEOUT_HEADER))
             started = time.perf_counter()
@@ -175,9 +192,10 @@ class MetricsProxy:
             head = Head(upstream.status, tuple(headers), rewritten=rewriting)
             if flight is not None:
                 flight.set_head(head)
-            writer: ClientWriter | None = ClientWriter(head, request)
+            writer: ClientWriter | None = ClientWriter(head, request, self._time_limit(request))
+            own_writer = writer
             try:
-                await writer.response.prepare(request)
+                await own_writer.response.prepare(request)
             except (ConnectionError, RuntimeError):
                 writer = None
             try:
@@ -198,6 +216,8 @@ class MetricsProxy:
                 raise
             return writer.response if writer is not None else web.Response(status=499)
         finally:
+            if own_writer is not None:
+                own_writer.done()
             if flight is not None and not handed_off:
                 self.flights.end(flight)
 
@@ -214,6 +234,7 @@ class MetricsProxy:
         """Move the body from the exporter (rewritten, if rules are set) to the scraper and followers."""
         t = self.telemetry
         content = upstream.content
+        gone = "every scraper went away mid-body"
         try:
             while True:
                 # One buffered piece at a time, as the socket delivered it: readany() would join
@@ -238,10 +259,13 @@ class MetricsProxy:
                         await writer.write(chunk)
                     except (ConnectionError, RuntimeError):
                         t.bytes_served.inc(writer.served)
+                        if writer.timed_out:
+                            t.client_aborts.inc()
+                            gone = "the scraper did not read the body within its scrape timeout"
                         writer = None
                 if writer is None and (flight is None or not flight.has_followers):
                     upstream.close()
-                    self._count("cancelled", "every scraper went away mid-body")
+                    self._count("cancelled", gone)
                     if flight is not None:
                         self.flights.end(flight)
                     return
@@ -277,7 +301,7 @@ class MetricsProxy:
             head = await asyncio.shield(flight.head)
             if isinstance(head, Refusal):
                 return _text(head.status, head.text)
-            writer = ClientWriter(head, request)
+            writer = ClientWriter(head, request, self._time_limit(request))
             await writer.response.prepare(request)
             try:
                 while batch := await follower.next_batch():
@@ -294,7 +318,12 @@ class MetricsProxy:
         finally:
             flight.leave(follower)
             if writer is not None:
+                writer.done()
                 self.telemetry.bytes_served.inc(writer.served)
+
+    def _time_limit(self, request: web.Request) -> float:
+        """How long a scraper may take to read its answer: its own scrape timeout."""
+        return self.upstream.scrape_window(request.headers.get(SCRAPE_TIMEOUT_HEADER))
 
     def _count(self, outcome: str, reason: str | None, log_level: int = logging.DEBUG) -> None:
         self.telemetry.upstream_requests.labels(outcome).inc()

@@ -38,20 +38,27 @@ class FlightAborted(Exception):
     """The shared body broke off; a follower must make that visible to its scraper."""
 
 
+class FollowerTooSlow(Exception):
+    """A follower fell so far behind that keeping its backlog would hold the body in memory."""
+
+
 class Follower:
     """One joined scrape's view of a flight: the chunks it has not written yet, in order."""
 
-    __slots__ = ("_chunks", "_closed", "_error", "_waiter")
+    __slots__ = ("_chunks", "_closed", "_error", "_waiter", "queued")
 
     def __init__(self, backlog: list[bytes]) -> None:
         self._chunks: deque[bytes] = deque(backlog)
+        self.queued = sum(len(chunk) for chunk in backlog)
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._error: BaseException | None = None
 
-    def _push(self, chunk: bytes) -> None:
+    def _push(self, chunk: bytes) -> int:
         self._chunks.append(chunk)
+        self.queued += len(chunk)
         self._wake()
+        return self.queued
 
     def _close(self, error: BaseException | None) -> None:
         self._closed = True
@@ -80,6 +87,7 @@ class Follower:
                 self._waiter = None
         batch = list(self._chunks)
         self._chunks.clear()
+        self.queued = 0
         return batch
 
 
@@ -92,6 +100,8 @@ class Flight:
         self._replay: list[bytes] | None = []
         self._replay_bytes = 0
         self._replay_limit = replay_limit
+        # A follower may fall behind by this much, a replayed backlog included.
+        self._backlog_limit = max(2 * replay_limit, 1024 * 1024)
         self._followers: list[Follower] = []
         self.finished = False
 
@@ -129,8 +139,16 @@ class Flight:
                 self._replay = None
             else:
                 replay.append(chunk)
+        slow = None
         for follower in self._followers:
-            follower._push(chunk)
+            if follower._push(chunk) > self._backlog_limit:
+                slow = [*(slow or ()), follower]
+        if slow:
+            # Waiting for a slow scraper would stall the others; queueing for it would hold the
+            # body in memory. It is cut off instead, and sees a broken response.
+            for follower in slow:
+                self._followers.remove(follower)
+                follower._close(FollowerTooSlow("the scraper read too slowly to keep up with the exporter"))
 
     def finish(self, error: BaseException | None = None) -> None:
         """End the flight: cleanly, or with the error that broke the body."""
