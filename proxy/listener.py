@@ -5,6 +5,7 @@
 - A header-read timeout (PROXY_HEADER_TIMEOUT): a client must finish each request head within it,
   or the connection is closed. aiohttp waits forever for a head trickled in a byte at a time
   (slowloris).
+- A cap on a request head's total size (64 KiB): a larger one gets 431 and the connection closes.
 
 Each accepted connection's protocol is aiohttp's own, wrapped: events pass straight through, so
 aiohttp's parsing, keep-alive and graceful shutdown are untouched.
@@ -23,6 +24,13 @@ from proxy.telemetry import Telemetry
 
 log = logging.getLogger("proxy.listener")
 
+# A request head larger than this is refused: aiohttp limits each line (8 KiB) and the number of
+# headers, but 128 headers of 8 KiB would still be a megabyte held per connection.
+MAX_HEAD_BYTES = 64 * 1024
+HEAD_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: 24\r\nConnection: close\r\n\r\nrequest head too large\r\n"
+)
 REFUSAL = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 27\r\n"
     b"Connection: close\r\n\r\ntoo many connections, retry\n"
@@ -52,7 +60,7 @@ class ConnectionGuard:
 
 
 class GuardedProtocol(asyncio.Protocol):
-    __slots__ = ("_armed", "_guard", "_inner", "_tail", "_timer", "_transport")
+    __slots__ = ("_armed", "_guard", "_head_bytes", "_inner", "_tail", "_timer", "_transport")
 
     def __init__(self, guard: ConnectionGuard) -> None:
         self._guard = guard
@@ -61,6 +69,7 @@ class GuardedProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._armed = False
         self._tail = b""
+        self._head_bytes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         guard = self._guard
@@ -89,10 +98,19 @@ class GuardedProtocol(asyncio.Protocol):
             # A head is complete. Bytes after it start the next (pipelined) head, if any.
             self._disarm()
             self._tail = b""
-            if end + len(_HEAD_END) < len(window):
+            self._head_bytes = len(window) - end - len(_HEAD_END)
+            if self._head_bytes:
                 self._arm()
         else:
             self._tail = window[-3:]
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._guard.telemetry.refused_connections.labels("head_too_large").inc()
+                transport = self._transport
+                if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+                    transport.write(HEAD_TOO_LARGE)
+                    transport.close()
+                return
         inner.data_received(data)
 
     def eof_received(self) -> bool | None:

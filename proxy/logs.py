@@ -50,6 +50,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+class QuietBadRequests(logging.Filter):
+    """aiohttp logs a malformed request from a client (an oversized or garbled head) as an ERROR
+    with a traceback, which lets any client fill the log. It becomes one debug line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        reason = " ".join(str(error.message).split())[:200] if error.message else type(error).__name__
+        record.msg = "rejected a malformed request"
+        record.args = ()
+        record.exc_info = None
+        record.exc_text = None
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.fields = {"status": error.code, "reason": reason}  # type: ignore[attr-defined]
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
@@ -58,3 +78,11 @@ def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> Non
     root.setLevel(level.upper())
     # aiohttp's own loggers are chatty at info (access log) and we log upstream failures ourselves.
     logging.getLogger("aiohttp.access").setLevel(logging.INFO)
+    quiet_bad_requests()
+
+
+def quiet_bad_requests() -> None:
+    """Install QuietBadRequests on aiohttp's server logger, once."""
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, QuietBadRequests) for f in server.filters):
+        server.addFilter(QuietBadRequests())

@@ -12,6 +12,7 @@ from aiohttp import web
 from proxy import __version__
 from proxy.app import create_app
 from proxy.listener import ConnectionGuard, listen
+from proxy.logs import quiet_bad_requests
 from proxy.settings import ConfigError, Settings, env_name
 from proxy.telemetry import Telemetry
 from proxy.webconfig import WebConfig, WebConfigError, load_web_config
@@ -46,6 +47,7 @@ def web_config_of(settings: Settings) -> WebConfig:
 async def start_proxy(settings: Settings, *, loop_name: str = "asyncio") -> RunningProxy:
     """Start serving; ConfigError (one line) for anything the user can fix."""
     web_config = web_config_of(settings)
+    quiet_bad_requests()
     telemetry = Telemetry(loop_name=loop_name)
     app = create_app(settings, telemetry=telemetry, web_config=web_config)
     runner = web.AppRunner(

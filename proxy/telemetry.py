@@ -142,12 +142,13 @@ class Telemetry:
         )
         self.refused_connections = Counter(
             f"{PREFIX}_refused_connections",
-            "Client connections closed by the proxy: over PROXY_MAX_CONNECTIONS (limit), or no "
-            "complete request head within PROXY_HEADER_TIMEOUT (header_timeout).",
+            "Client connections closed by the proxy: over PROXY_MAX_CONNECTIONS (limit), no "
+            "complete request head within PROXY_HEADER_TIMEOUT (header_timeout), or a head over "
+            "64 KiB (head_too_large).",
             ["reason"],
             registry=r,
         )
-        for reason in ("limit", "header_timeout"):
+        for reason in ("limit", "header_timeout", "head_too_large"):
             self.refused_connections.labels(reason)
         self.auth_failures = Counter(
             f"{PREFIX}_auth_failures",

@@ -112,9 +112,9 @@ def describe(exc: BaseException) -> str:
     for cause in seen:  # aiohttp's parser errors carry a plain-words message
         message = getattr(cause, "message", None)
         if isinstance(message, str) and message:
-            return message.rstrip(".")[:200]
+            return " ".join(message.split()).rstrip(".")[:200]
     text = str(exc) or type(exc).__name__
-    return text.splitlines()[0][:200]
+    return " ".join(text.split())[:200]
 
 
 def upstream_ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -208,8 +208,8 @@ class Upstream:
             raise RuntimeError("Upstream.start() was not awaited")
         return self._session
 
-    def deadline(self, header: str | None) -> float:
-        """Seconds the whole upstream exchange may take: the scraper's timeout less a margin, clamped."""
+    def scrape_window(self, header: str | None) -> float:
+        """The scraper's timeout: its X-Prometheus-Scrape-Timeout-Seconds or the default, clamped."""
         s = self.settings
         wanted = s.scrape_timeout
         if header:
@@ -219,8 +219,12 @@ class Upstream:
                 value = 0.0
             if value > 0 and value == value:  # NaN fails the second test
                 wanted = value
-        wanted = min(wanted, s.max_scrape_timeout)
-        margin = s.scrape_timeout_margin
+        return min(wanted, s.max_scrape_timeout)
+
+    def deadline(self, header: str | None) -> float:
+        """Seconds the whole upstream exchange may take: the scraper's timeout less a margin."""
+        wanted = self.scrape_window(header)
+        margin = self.settings.scrape_timeout_margin
         return wanted - margin if wanted > 2 * margin else wanted / 2
 
     def target(self, raw_query: str) -> str:
