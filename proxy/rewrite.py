@@ -48,7 +48,7 @@ NAMELESS = b""
 class RuleSet:
     """Rules plus the cache of their outcomes; one per proxy, shared by every scrape."""
 
-    def __init__(self, rules: Sequence[Rule], cache_size: int = 100_000) -> None:
+    def __init__(self, rules: Sequence[Rule], cache_size: int = 50_000) -> None:
         self.rules = tuple(rules)
         self.cache_size = cache_size
         self.cache: OrderedDict[bytes, Outcome] = OrderedDict()

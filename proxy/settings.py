@@ -145,7 +145,7 @@ class Settings(BaseSettings):
         default=False, description="Expand ${VAR} in the relabel file from the environment."
     )
     relabel_cache_size: int = Field(
-        default=100_000,
+        default=50_000,
         ge=1,
         description="Series whose relabel outcome is remembered (an LRU keyed on the series text).",
     )
