@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                 for spec in coalesce_specs():
                     rows.append(bench.measure("coalesce", spec, fake.port, "/metrics"))
                 supervisor.stop(fake)
+        # Read while a --proxy-rev snapshot still exists (the temporary directory goes next).
+        source_changed = proxy_fingerprint(proxy_root) != fingerprint
     except KeyboardInterrupt:
         log("interrupted: every server stopped")
         return 130
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
     notes += _odd_things(rows, sizes)
-    if proxy_fingerprint(proxy_root) != fingerprint:
+    if source_changed:
         notes.insert(
             0,
             f"**the proxy's source (proxy/) changed during this run** (it began at {proxy_at_start}, "
