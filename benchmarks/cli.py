@@ -27,7 +27,16 @@ from benchmarks.report import (
     stdout_report,
 )
 from benchmarks.rewriter import bench_rewriter, count_samples
-from benchmarks.run import REPO, Bench, Row, Settings, coalesce_specs, snapshot_proxy, static_specs
+from benchmarks.run import (
+    REPO,
+    RULE_FLAGS,
+    Bench,
+    Row,
+    Settings,
+    coalesce_specs,
+    snapshot_proxy,
+    static_specs,
+)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "RESULTS.md"
@@ -301,9 +310,13 @@ def _odd_things(rows: list[Row], sizes: dict[int, int]) -> list[str]:
             notes.append(f"{where}: {row.skipped}")
         notes += [f"{where}: {note}" for note in row.notes]
         runs = [(label, r) for label, r in (("1 scraper", row.seq), ("8 scrapers", row.conc)) if r]
-        errors = [f"{r.socket_errors:,} ({label})" for label, r in runs if r.socket_errors]
+        errors = [
+            ", ".join(f"{kind} {count:,}" for kind, count in r.error_kinds.items()) + f" ({label})"
+            for label, r in runs
+            if r.socket_errors
+        ]
         if errors:
-            notes.append(f"{where}: socket errors (connect, read, write, timeout): {', '.join(errors)}")
+            notes.append(f"{where}: wrk's socket errors: {'; '.join(errors)}")
         if row.scenario != "coalesce":
             non2xx = [f"{r.non2xx:,} ({label})" for label, r in runs if r.non2xx]
             if non2xx:
@@ -312,9 +325,9 @@ def _odd_things(rows: list[Row], sizes: dict[int, int]) -> list[str]:
         if empty:
             notes.append(f"{where}: no 2xx scrape completed within the run: {', '.join(empty)}")
         # Rows that pass bytes through must deliver the upstream's body, byte for byte in size.
-        passes_through = not row.spec.proxy_args and not (
-            row.spec.kind == "exporter_exporter" and row.spec.verify
-        )
+        rules = any(flag in row.spec.proxy_args for flag in RULE_FLAGS)
+        reencodes = row.spec.kind == "exporter_exporter" and row.spec.verify
+        passes_through = not rules and not reencodes
         if (
             row.body is not None
             and row.body.status == 200

@@ -7,7 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.procs import LOOPBACK, Supervisor
@@ -52,6 +52,7 @@ class LoadResult:
     max_ms: float
     bytes_read: int
     cpu_s: float | None = None  # of the process(es) under test, over the same run
+    error_kinds: dict[str, int] = field(default_factory=dict)  # wrk's socket errors, by kind
 
     @property
     def ok(self) -> int:
@@ -116,6 +117,7 @@ class Wrk:
             p99_ms=data["p99_us"] / 1000,
             max_ms=data["max_us"] / 1000,
             bytes_read=data["bytes"],
+            error_kinds={k: data[k] for k in ("connect", "read", "write", "timeout") if data[k]},
         )
 
 

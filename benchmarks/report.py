@@ -39,6 +39,7 @@ RSS_STEADY_MAX_MB = 45.0
 RSS_GROWTH_MAX_MB = 5.0
 REWRITER_WARM_MIN = 1_000_000
 REWRITER_COLD_MIN = 250_000
+PURE = "proxy passthrough --no-coalesce"  # the row whose scrapes are each proxied on their own
 
 
 @dataclass
@@ -305,23 +306,23 @@ def targets(results: Results) -> list[Check]:
         )
     )
 
-    # Throughput, 8 scrapers, x1, passthrough.
-    value = divide(
-        proxy.conc.ok_per_s if proxy and proxy.conc else None,
-        nginx.conc.ok_per_s if nginx and nginx.conc else None,
-    )
-    checks.append(
-        _check(
-            f"throughput, 8 scrapers, {X}1, passthrough: proxy ÷ nginx",
-            f"≥ {THROUGHPUT_MIN}{X}",
-            value,
-            lambda v: v >= THROUGHPUT_MIN,
-            f"{value:.2f}{X} ({proxy.conc.ok_per_s:,.0f} vs {nginx.conc.ok_per_s:,.0f} 2xx/s)"
-            if value is not None and proxy and nginx and proxy.conc and nginx.conc
-            else "",
-            f"needs nginx and proxy passthrough at {X}1",
+    # Throughput, 8 scrapers, x1, passthrough: each scrape proxied on its own (strict), then at
+    # the defaults, where the 8 scrapers also share upstream requests.
+    for name, how in ((PURE, "each scrape proxied (--no-coalesce)"), ("proxy passthrough", "defaults")):
+        row = results.row("x1", name)
+        p = row.conc.ok_per_s if row and row.conc else None
+        n = nginx.conc.ok_per_s if nginx and nginx.conc else None
+        value = divide(p, n)
+        checks.append(
+            _check(
+                f"throughput, 8 scrapers, {X}1, passthrough, {how}: proxy ÷ nginx",
+                f"≥ {THROUGHPUT_MIN}{X}",
+                value,
+                lambda v: v >= THROUGHPUT_MIN,
+                f"{value:.2f}{X} ({p:,.0f} vs {n:,.0f} 2xx/s)" if value is not None and p and n else "",
+                f"needs nginx and {name} at {X}1",
+            )
         )
-    )
 
     # Coalescing.
     co_proxy, co_nginx = results.row("coalesce", "proxy coalescing"), results.row("coalesce", "nginx")
@@ -343,18 +344,18 @@ def targets(results: Results) -> list[Check]:
 
     # CPU per scrape, at every scale measured.
     for scale in results.scales:
-        p, n = results.row(f"x{scale}", "proxy passthrough"), results.row(f"x{scale}", "nginx")
+        p, n = results.row(f"x{scale}", PURE), results.row(f"x{scale}", "nginx")
         pc = p.conc.cpu_ms_per_scrape if p and p.conc else None
         nc = n.conc.cpu_ms_per_scrape if n and n.conc else None
         value = divide(pc, nc)
         checks.append(
             _check(
-                f"CPU per scrape, 8 scrapers, {X}{scale}, passthrough: proxy ÷ nginx",
+                f"CPU per scrape, 8 scrapers, {X}{scale}, passthrough --no-coalesce: proxy ÷ nginx",
                 f"≤ {CPU_MAX}{X}",
                 value,
                 lambda v: v <= CPU_MAX,
                 f"{value:.2f}{X} ({pc:.3f} vs {nc:.3f} ms)" if value is not None and pc and nc else "",
-                f"needs nginx and proxy passthrough at {X}{scale}",
+                f"needs nginx and {PURE} at {X}{scale}",
             )
         )
 
@@ -562,7 +563,11 @@ def _method(results: Results) -> str:
   include `verify: true` (it parses and re-encodes every scrape); *verify:false* proxies the bytes
   (its Go reverse proxy opens a new upstream connection per scrape); *proxy passthrough* is
   `python -m proxy` with no rules; *keep-list* is `--relabel-config` with the README's node list;
-  *drop service* is `--drop 'windows_service_.*'`.
+  *drop service* is `--drop 'windows_service_.*'`. The proxy rows run at the proxy's defaults,
+  coalescing on: 8 scrapers that ask at once share upstream requests (and, with rules, the
+  rewriting), so their 8-scraper figures are not the cost of proxying each scrape; *passthrough
+  --no-coalesce* is, and the throughput and CPU targets are checked on it (coalescing has its own
+  scenario and target).
 - **Coalescing:** the upstream is `python -m proxy fake-exporter --max-concurrent 1 --fault latency
   --latency 0.05`: 50 ms per scrape, a concurrent scrape answered 503, like windows_exporter ≥ 0.30.
 - **Rewriter:** in-process, pinned to one core: `Rewriter(RuleSet(rules, cache_size=10**6),

@@ -98,6 +98,7 @@ def static_specs(rules_file: Path) -> list[Spec]:
             verify=False,
         ),
         Spec("proxy passthrough", "proxy"),
+        Spec("proxy passthrough --no-coalesce", "proxy", proxy_args=("--no-coalesce",)),
         Spec("proxy keep-list", "proxy", proxy_args=keep),
         Spec("proxy keep-list gzip", "proxy", headers=prometheus_gzip, proxy_args=keep),
         Spec("proxy drop service", "proxy", proxy_args=drop),

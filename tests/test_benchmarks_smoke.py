@@ -26,6 +26,7 @@ STATIC_ROWS = [
     "exporter_exporter",
     "exporter_exporter verify:false",
     "proxy passthrough",
+    "proxy passthrough --no-coalesce",
     "proxy keep-list",
     "proxy keep-list gzip",
     "proxy drop service",
