@@ -100,8 +100,10 @@ class Flight:
         self._replay: list[bytes] | None = []
         self._replay_bytes = 0
         self._replay_limit = replay_limit
-        # A follower may fall behind by this much, a replayed backlog included.
-        self._backlog_limit = max(2 * replay_limit, 1024 * 1024)
+        # A follower may fall behind by this much, a replayed backlog included. Generous, because
+        # a scraper that is merely slow for a moment (CPU contention) must not lose its scrape;
+        # one that stops reading is cut off at its scrape timeout anyway.
+        self._backlog_limit = max(8 * replay_limit, 16 * 1024 * 1024)
         self._followers: list[Follower] = []
         self.finished = False
 
