@@ -189,9 +189,16 @@ async def test_keep_and_drop_shorthands(make_proxy: ProxyFactory, fake_server: T
 # --- the commands -------------------------------------------------------------------------------------
 
 
-def cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+def cli(
+    *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [sys.executable, "-m", "proxy", *args], input=stdin, capture_output=True, timeout=30, check=False
+        [sys.executable, "-m", "proxy", *args],
+        input=stdin,
+        capture_output=True,
+        env=env,
+        timeout=30,
+        check=False,
     )
 
 
@@ -253,27 +260,13 @@ def test_environment_expansion(tmp_path: Path) -> None:
         "  - source_labels: [__name__]\n    regex: (?P<n>up)\n    target_label: copy\n    replacement: ${n}\n"
     )
     env = {**os.environ, "NODE_NAME": "akswin000002"}
-    result = subprocess.run(
-        [sys.executable, "-m", "proxy", "relabel", "--config", str(rules), "--expand-env", "-"],
-        input=b"up 1\n",
-        capture_output=True,
-        env=env,
-        timeout=30,
-        check=False,
-    )
+    result = cli("relabel", "--config", str(rules), "--expand-env", "-", stdin=b"up 1\n", env=env)
     assert result.stdout == b'up{copy="up",node="akswin000002"} 1\n', result.stderr
     unexpanded = cli("relabel", "--config", str(rules), "-", stdin=b"up 1\n")
     # Without expansion ${NODE_NAME} is what Prometheus makes of it: a reference to a regex group
     # that does not exist, so the replacement is empty and no label is set.
     assert unexpanded.stdout == b'up{copy="up"} 1\n'
     rules.write_text("metric_relabel_configs:\n  - target_label: node\n    replacement: ${NODE_NAM}\n")
-    typo = subprocess.run(
-        [sys.executable, "-m", "proxy", "relabel", "--config", str(rules), "--expand-env", "-"],
-        input=b"up 1\n",
-        capture_output=True,
-        env=env,
-        timeout=30,
-        check=False,
-    )
+    typo = cli("relabel", "--config", str(rules), "--expand-env", "-", stdin=b"up 1\n", env=env)
     assert typo.returncode == 2
     assert b"metric_relabel_configs[0].replacement: ${NODE_NAM} is not set in the environment" in typo.stderr
