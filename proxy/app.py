@@ -8,6 +8,7 @@ ends cleanly would be ingested by Prometheus as a complete scrape.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import zlib
@@ -270,7 +271,9 @@ class MetricsProxy:
                         self.flights.end(flight)
                     return
             if writer is not None:
-                await writer.close()
+                # A scraper that leaves at the very end is no failure of the exporter's answer.
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await writer.close()
         except (aiohttp.ClientError, OSError, TimeoutError, BrokenBody) as exc:
             upstream.close()
             outcome, reason = body_failure(exc, deadline)
