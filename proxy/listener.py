@@ -174,7 +174,8 @@ async def listen(
         host=listen_hosts(address),
         port=port,
         ssl=ssl_context,
-        reuse_address=True,
+        # reuse_address stays at asyncio's default: on POSIX, a restart can rebind at once; on
+        # Windows, SO_REUSEADDR would let another process bind the same port, so it stays off.
         backlog=1024,
         family=socket.AF_UNSPEC,
     )
