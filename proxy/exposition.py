@@ -8,6 +8,7 @@ exactly as they went in.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -170,14 +171,21 @@ def _quote(name: str) -> str:
     return '"' + _escape_value(name) + '"'
 
 
+@functools.lru_cache(maxsize=4096)
+def _label_name_text(label: str) -> str:
+    """A label name as written: bare when legacy, quoted otherwise (names repeat: checked once)."""
+    return label if LEGACY_LABEL_NAME.match(label) else _quote(label)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_legacy_metric_name(name: str) -> bool:
+    return LEGACY_METRIC_NAME.match(name) is not None
+
+
 def format_series(name: str, labels: Iterable[tuple[str, str]]) -> bytes:
     """A label set as exposition text: legacy names bare, others quoted; empty values left out."""
-    items = [
-        f'{label if LEGACY_LABEL_NAME.match(label) else _quote(label)}="{_escape_value(value)}"'
-        for label, value in labels
-        if value
-    ]
-    if LEGACY_METRIC_NAME.match(name):
+    items = [f'{_label_name_text(label)}="{_escape_value(value)}"' for label, value in labels if value]
+    if _is_legacy_metric_name(name):
         text = f"{name}{{{','.join(items)}}}" if items else name
     else:
         text = "{" + ",".join([_quote(name), *items]) + "}"

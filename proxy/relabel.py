@@ -61,7 +61,9 @@ def _relabel_target(text: str) -> bool:
     return re2.compile(_RELABEL_TARGET_PATTERN, options).match(text) is not None
 
 
+@functools.lru_cache(maxsize=4096)
 def is_label_name(name: str) -> bool:
+    """A legacy label name (names repeat across series, so each is checked once)."""
     return _LABEL_NAME.match(name) is not None
 
 
