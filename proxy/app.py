@@ -240,8 +240,14 @@ class MetricsProxy:
             while True:
                 # One buffered piece at a time, as the socket delivered it: readany() would join
                 # everything buffered into a new bytes object, a copy of the whole body per scrape.
-                chunk, _ = await content.readchunk()
+                # readchunk() also answers (b"", True) when an HTTP chunk's closing CRLF arrives
+                # after its data was read: the end of one chunk, not of the body. Go's net/http
+                # (windows_exporter) writes data and CRLF separately, so this happens in the
+                # wild. Only (b"", False) is the end of the body.
+                chunk, end_of_http_chunk = await content.readchunk()
                 if not chunk:
+                    if end_of_http_chunk:
+                        continue
                     if transform is None:
                         break
                     chunk = transform.finish()

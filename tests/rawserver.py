@@ -40,6 +40,10 @@ async def raw_server(script: Script) -> AsyncIterator[RawServer]:
                 await script(head, writer)
                 if writer.is_closing():
                     return
+        except asyncio.CancelledError:
+            # Teardown cancels scripts still running. asyncio's start_server callback asks the
+            # task for its exception, which a cancelled task raises, logged as an error.
+            return
         finally:
             tasks.discard(task)
             writer.close()
