@@ -243,10 +243,12 @@ class MetricsProxy:
                 # readchunk() also answers (b"", True) when an HTTP chunk's closing CRLF arrives
                 # after its data was read: the end of one chunk, not of the body. Go's net/http
                 # (windows_exporter) writes data and CRLF separately, so this happens in the
-                # wild. Only (b"", False) is the end of the body.
+                # wild. The body has ended only when the stream is at EOF, which aiohttp sets
+                # only after the last chunk; asking at_eof() also covers the empty payload of a
+                # HEAD answer, whose reader says (b"", True) forever once it said (b"", False).
                 chunk, end_of_http_chunk = await content.readchunk()
                 if not chunk:
-                    if end_of_http_chunk:
+                    if end_of_http_chunk and not content.at_eof():
                         continue
                     if transform is None:
                         break
