@@ -2,7 +2,14 @@
 
 It is the upstream for local development, tests and benchmarks, so a benchmark must measure the
 proxy and never this server: every payload variant is rendered (and compressed) once, cached, and
-answered with a single ``Content-Length`` write.
+its chunked framing built once too.
+
+A body goes out as windows_exporter's Go server sends it (`proxy.fake_wire`): chunked, in 2048-byte
+chunks written 4 KiB at a time, unless `framing` asks for the data/CRLF split or Content-Length.
+How it still differs from the real exporter: no collector runs, so an answer costs no time unless
+a fault says so and its values never change; the body is a 0.20.0 capture, not a current release's;
+and there is no protobuf, no TLS and no basic auth (tests/test_node_exporter.py covers those
+against a real Go exporter).
 """
 
 from __future__ import annotations
@@ -22,11 +29,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from aiohttp import web
+from aiohttp.http_writer import HttpVersion11, StreamWriter
+
+from proxy.fake_wire import GO_CHUNK_BYTES, GO_FLUSH_BYTES, LAST_CHUNK, Framing, frame, go_chunks, go_wire
 
 __all__ = [
     "ExporterPayload",
     "FakeExporter",
     "Fault",
+    "Framing",
     "UnknownCollectorError",
     "add_arguments",
     "bound_port",
@@ -65,6 +76,9 @@ _HUGE_BLOCK = b"".join(
 )
 # Fault.CORRUPT_GZIP: this many bytes are inverted in the middle of the gzip stream.
 CORRUPT_GZIP_BYTES = 16
+# Framing.SPLIT: the pause between a chunk's data and its CRLF, long enough for a reader on the
+# same machine to take the data alone.
+SPLIT_PAUSE = 0.002
 # Pauses of in-flight faults, per application, so that its shutdown can cut them short.
 PAUSES = web.AppKey("fake_exporter_pauses", set[asyncio.Future[bool]])
 VARIANT_CACHE_SIZE = 32
@@ -338,6 +352,8 @@ class FakeExporter:
         latency: float = 1.0,
         huge_bytes: int = HUGE_BYTES,
         source: bytes | None = None,
+        framing: Framing = Framing.GO,
+        split_pause: float = SPLIT_PAUSE,
     ) -> None:
         if scale < 1:
             raise ValueError("scale must be >= 1")
@@ -347,6 +363,8 @@ class FakeExporter:
         self.fault = Fault(fault)
         self.latency = latency
         self.huge_bytes = huge_bytes
+        self.framing = Framing(framing)
+        self.split_pause = split_pause
         self.scrapes = 0
         self.served = 0
         self.rejected = 0
@@ -452,7 +470,12 @@ class FakeExporter:
         if fault is Fault.CORRUPT_GZIP:
             variant = corrupted(variant)
         self.served += 1
-        return web.Response(body=variant.body, headers=variant.headers)
+        body = _Body(self, request)
+        if not body.unsized(len(variant.body)):
+            return web.Response(body=variant.body, headers=variant.headers)
+        response = await body.start(variant.headers, len(variant.body))
+        await body.send_whole(variant.body)
+        return response
 
     def _garbage(self, request: web.Request) -> web.StreamResponse:
         """Answer bytes that are not HTTP, then close: a wrong service on the exporter's port."""
@@ -465,36 +488,41 @@ class FakeExporter:
 
     async def _huge(self, request: web.Request) -> web.StreamResponse:
         """A valid text exposition of about `huge_bytes`, never held whole: one block at a time."""
-        response = web.StreamResponse(headers={"Content-Type": TEXT_CONTENT_TYPE})
-        response.content_length = huge_length(self.huge_bytes)
-        await response.prepare(request)
+        body = _Body(self, request)
+        response = await body.start({"Content-Type": TEXT_CONTENT_TYPE}, huge_length(self.huge_bytes))
         if request.method != "HEAD":
             for block in huge_blocks(self.huge_bytes):
-                await response.write(block)  # waits while the client is not reading
-        await response.write_eof()
+                await body.write(block)  # waits while the client is not reading
+        await body.finish()
         self.served += 1
         return response
 
     async def _slow_body(self, request: web.Request, variant: _Variant) -> web.StreamResponse:
-        response = web.StreamResponse(headers=variant.headers)
-        response.content_length = len(variant.body)
-        await response.prepare(request)
+        writer = _Body(self, request)
+        response = await writer.start(variant.headers, len(variant.body))
         body = variant.body
         step = -(-len(body) // SLOW_BODY_PIECES)
         for offset in range(0, len(body), step):
             if offset:
                 await _pause(request, self.latency / SLOW_BODY_PIECES)
-            await response.write(body[offset : offset + step])
-        await response.write_eof()
+            # Each piece is flushed, as a handler that calls http.Flusher would, so it trickles.
+            await writer.write(body[offset : offset + step], flush=True)
+        await writer.finish()
         self.served += 1
         return response
 
     async def _reset(self, request: web.Request, variant: _Variant) -> web.StreamResponse:
-        """Promise the full body, deliver half, then RST: the truncation the proxy must detect."""
-        response = web.StreamResponse(headers=variant.headers)
-        response.content_length = len(variant.body)
-        await response.prepare(request)
-        await response.write(variant.body[: len(variant.body) // 2])
+        """Promise the full body, deliver half, then RST: the truncation the proxy must detect.
+
+        Chunked, half of the framed bytes go out: the cut falls wherever it falls in the framing.
+        """
+        body = _Body(self, request)
+        response = await body.start(variant.headers, len(variant.body))
+        if body.framed:
+            wire = go_wire(variant.body)
+            await body.send_raw(wire[: len(wire) // 2])
+        else:
+            await response.write(variant.body[: len(variant.body) // 2])
         transport = request.transport
         if transport is None:
             raise _ConnectionDropped  # the client is already gone
@@ -512,6 +540,104 @@ class FakeExporter:
 
     async def _health(self, _request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
+
+
+class _Body:
+    """One answer's body on the wire, framed as the exporter's `framing` says (see proxy.fake_wire).
+
+    aiohttp frames each write as a chunk of its own. To frame as Go does, the head goes out with
+    `Transfer-Encoding: chunked` and aiohttp's stream writer is then told the body is not chunked,
+    so the bytes framed here pass through it untouched; keep-alive works as for any response.
+    """
+
+    __slots__ = ("_data", "_exporter", "_request", "_response", "_wire", "framed")
+
+    def __init__(self, exporter: FakeExporter, request: web.Request) -> None:
+        self._exporter = exporter
+        self._request = request
+        self._response = web.StreamResponse()
+        self._data = bytearray()  # written by the handler, not yet a whole chunk
+        self._wire = bytearray()  # framed, not yet a whole 4 KiB socket write (Framing.GO)
+        self.framed = False
+
+    def unsized(self, length: int | None) -> bool:
+        """Whether this answer goes without Content-Length: Go sends one only when the whole body
+        fit in its 2048-byte response buffer. Then HTTP/1.1 GETs are chunked (framed here), HEAD
+        answers have headers only, and HTTP/1.0 bodies end when the connection closes."""
+        return self._exporter.framing is not Framing.CONTENT_LENGTH and (
+            length is None or length > GO_CHUNK_BYTES
+        )
+
+    async def start(self, headers: dict[str, str], length: int | None) -> web.StreamResponse:
+        request, response = self._request, self._response
+        response.headers.update(headers)
+        if not self.unsized(length):
+            response.content_length = length
+        elif request.version >= HttpVersion11 and request.method != "HEAD":
+            response.enable_chunked_encoding()
+            self.framed = True
+        await response.prepare(request)
+        if self.framed:
+            writer = request.writer
+            assert isinstance(writer, StreamWriter)
+            writer.chunked = False  # the framing is ours from here on
+        return response
+
+    async def send_raw(self, data: bytes) -> None:
+        """Bytes as they are, in Go's 4 KiB socket writes."""
+        view = memoryview(data)
+        for offset in range(0, len(view), GO_FLUSH_BYTES):
+            await self._response.write(view[offset : offset + GO_FLUSH_BYTES])
+
+    async def send_whole(self, body: bytes) -> None:
+        """A complete body at once, the common answer: its Go framing is built once and cached."""
+        if self.framed and self._exporter.framing is Framing.GO:
+            await self.send_raw(go_wire(body))
+            await self._response.write_eof()
+        else:
+            await self.write(body)
+            await self.finish()
+
+    async def write(self, data: bytes, *, flush: bool = False) -> None:
+        if not self.framed:
+            if self._request.method != "HEAD":
+                await self._response.write(data)
+            return
+        self._data += data
+        ready = len(self._data) if flush else len(self._data) - len(self._data) % GO_CHUNK_BYTES
+        if ready:
+            chunks = go_chunks(bytes(self._data[:ready]))
+            del self._data[:ready]
+            await self._send_chunks(chunks, flush=flush)
+
+    async def finish(self) -> None:
+        if self.framed:
+            await self.write(b"", flush=True)
+            if self._exporter.framing is Framing.SPLIT:
+                await self._response.write(LAST_CHUNK)
+            else:
+                self._wire += LAST_CHUNK
+                await self._send_wire(flush=True)
+        await self._response.write_eof()
+
+    async def _send_chunks(self, chunks: list[bytes], *, flush: bool) -> None:
+        if self._exporter.framing is Framing.SPLIT:
+            for chunk in chunks:
+                await self._response.write(b"%x\r\n%s" % (len(chunk), chunk))
+                await _pause(self._request, self._exporter.split_pause)
+                await self._response.write(b"\r\n")
+            return
+        for chunk in chunks:
+            self._wire += frame(chunk)
+        await self._send_wire(flush=flush)
+
+    async def _send_wire(self, *, flush: bool) -> None:
+        """Framing.GO: what fills Go's 4 KiB connection buffer goes out, the rest when flushed."""
+        ready = len(self._wire) if flush else len(self._wire) - len(self._wire) % GO_FLUSH_BYTES
+        if ready:
+            data = bytes(self._wire[:ready])
+            del self._wire[:ready]
+            await self.send_raw(data)
 
 
 def corrupted(gzipped: _Variant) -> _Variant:
@@ -615,6 +741,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--huge-bytes", type=_at_least(0, int), default=HUGE_BYTES, help="body size for the huge fault"
     )
+    parser.add_argument(
+        "--framing",
+        choices=[f.value for f in Framing],
+        default=Framing.GO.value,
+        help="go: chunked as windows_exporter's Go server sends it (default); split: each chunk's "
+        "data and CRLF written apart, --split-pause between; content-length: one write, as v0.16",
+    )
+    parser.add_argument(
+        "--split-pause", type=_at_least(0.0, float), default=SPLIT_PAUSE, help="seconds, for --framing split"
+    )
 
 
 async def serve_from_args(args: argparse.Namespace, stop: asyncio.Event) -> None:
@@ -624,6 +760,8 @@ async def serve_from_args(args: argparse.Namespace, stop: asyncio.Event) -> None
         fault=Fault(args.fault),
         latency=args.latency,
         huge_bytes=args.huge_bytes,
+        framing=Framing(args.framing),
+        split_pause=args.split_pause,
     )
     runner = await run_fake_exporter(exporter, args.listen_address, args.listen_port)
     try:

@@ -12,7 +12,7 @@ import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.fake_exporter import FakeExporter, Fault
+from proxy.fake_exporter import FakeExporter, Fault, Framing
 from tests.conftest import LOOPBACK, ProxyFactory
 from tests.rawserver import raw_server
 
@@ -91,11 +91,18 @@ async def test_exporter_error_status_passes_through_with_body(proxy: TestClient)
     assert sample_value(own, "windows_metrics_proxy_upstream_requests_total", 'outcome="http_error"') == 1
 
 
-async def test_head_returns_headers_without_body(proxy: TestClient, fake_server: TestServer) -> None:
-    direct = await raw_get(fake_server.port, "/metrics")
+@pytest.mark.parametrize("framing", [Framing.GO, Framing.CONTENT_LENGTH])
+async def test_head_returns_headers_without_body(
+    proxy: TestClient, fake_server: TestServer, fake: FakeExporter, framing: Framing
+) -> None:
+    fake.framing = framing
+    async with aiohttp.ClientSession(skip_auto_headers=("Accept-Encoding",)) as session:
+        direct = await session.head(f"http://{LOOPBACK}:{fake_server.port}/metrics")
     response = await proxy.head("/metrics")
-    assert response.status == 200
-    assert response.headers["Content-Length"] == direct[1]["Content-Length"]
+    assert response.status == direct.status == 200
+    for name in ("Content-Type", "Content-Length"):
+        assert response.headers.get(name) == direct.headers.get(name)
+    assert ("Content-Length" in response.headers) is (framing is Framing.CONTENT_LENGTH)
     assert await response.read() == b""
 
 

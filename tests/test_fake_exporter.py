@@ -25,6 +25,7 @@ from proxy.fake_exporter import (
     ExporterPayload,
     FakeExporter,
     Fault,
+    Framing,
     add_arguments,
     bound_port,
     huge_blocks,
@@ -32,6 +33,7 @@ from proxy.fake_exporter import (
     run_fake_exporter,
     serve_from_args,
 )
+from proxy.fake_wire import chunk_ends, go_wire
 
 CAPTURE = (importlib.resources.files("proxy") / "data" / "windows_exporter-0.20.0.prom").read_bytes()
 CAPTURE_SAMPLES = sum(1 for line in CAPTURE.splitlines() if line and not line.startswith(b"#"))
@@ -41,6 +43,7 @@ PROMETHEUS_ACCEPT = (
     "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
 )
 IDENTITY = {"Accept-Encoding": "identity"}
+LOOPBACK = "127.0.0.1"
 
 Served = tuple[TestClient[Any, Any], FakeExporter]
 Serve = Callable[..., Awaitable[Served]]
@@ -65,6 +68,12 @@ async def scrape_started(exporter: FakeExporter, count: int = 1) -> None:
     raise AssertionError("the scrape never reached the exporter")
 
 
+def assert_chunked_like_go(headers: Any) -> None:
+    """windows_exporter's Go server sends a body of more than 2 KiB chunked, with no length."""
+    assert headers["Transfer-Encoding"] == "chunked"
+    assert "Content-Length" not in headers
+
+
 def samples(body: bytes) -> list[str]:
     return [line for line in body.decode().splitlines() if line and not line.startswith("#")]
 
@@ -78,7 +87,7 @@ async def test_scale_1_is_the_capture_byte_for_byte(serve: Serve) -> None:
     response = await cli.get("/metrics", headers=IDENTITY)
     assert response.status == 200
     assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
-    assert response.headers["Content-Length"] == str(len(CAPTURE))
+    assert_chunked_like_go(response.headers)
     assert abs(int(response.headers["Process-Start-Time-Unix"]) - time.time()) < 60
     assert await response.read() == CAPTURE
     assert (fake.scrapes, fake.served, fake.rejected) == (1, 1, 0)
@@ -88,7 +97,9 @@ async def test_head_has_headers_and_no_body(serve: Serve) -> None:
     cli, _ = await serve()
     response = await cli.head("/metrics", headers=IDENTITY)
     assert response.status == 200
-    assert response.headers["Content-Length"] == str(len(CAPTURE))
+    # As Go answers a HEAD for a body larger than its buffer: neither a length nor chunking.
+    assert "Content-Length" not in response.headers
+    assert "Transfer-Encoding" not in response.headers
     assert await response.read() == b""
 
 
@@ -235,7 +246,7 @@ async def test_gzip_round_trip(serve: Serve) -> None:
     assert response.headers["Content-Encoding"] == "gzip"
     assert response.headers["Vary"] == "Accept-Encoding"
     raw = await response.read()
-    assert response.headers["Content-Length"] == str(len(raw))
+    assert_chunked_like_go(response.headers)
     assert len(raw) < len(CAPTURE) // 4
     assert gzip.decompress(raw) == CAPTURE
 
@@ -296,7 +307,7 @@ async def test_slow_body_arrives_in_pieces(serve: Serve) -> None:
     start = time.monotonic()
     response = await cli.get("/metrics", headers=IDENTITY)
     assert time.monotonic() - start < 0.1  # headers at once
-    assert response.headers["Content-Length"] == str(len(CAPTURE))
+    assert_chunked_like_go(response.headers)
     pieces = 0
     body = b""
     while chunk := await response.content.readany():
@@ -312,7 +323,7 @@ async def test_reset_truncates_the_body(serve: Serve) -> None:
     cli, fake = await serve(fault=Fault.RESET)
     response = await cli.get("/metrics", headers=IDENTITY)
     assert response.status == 200
-    assert response.headers["Content-Length"] == str(len(CAPTURE))
+    assert_chunked_like_go(response.headers)
     received: list[bytes] = []
 
     async def read_all() -> None:
@@ -446,7 +457,7 @@ async def test_huge_is_a_valid_exposition_of_the_asked_size(serve: Serve) -> Non
     assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
     length = huge_length(3_000_000)
     assert 3_000_000 <= length < 3_000_000 + 250_000
-    assert response.headers["Content-Length"] == str(length)
+    assert_chunked_like_go(response.headers)
     body = await response.read()
     assert len(body) == length
     assert body == b"".join(huge_blocks(3_000_000))
@@ -468,7 +479,7 @@ async def test_huge_is_generated_while_it_is_sent(serve: Serve) -> None:
     assert first.startswith(b"# HELP windows_fake_huge_series ")
     response.close()  # hanging up mid-body frees the exporter
     head = await cli.head("/metrics")
-    assert head.headers["Content-Length"] == str(huge_length(64 << 20))
+    assert "Content-Length" not in head.headers
     assert await head.read() == b""
     assert huge_length(0) == len(next(huge_blocks(0)))
 
@@ -488,7 +499,7 @@ async def test_corrupt_gzip_is_gzip_that_fails_midway(serve: Serve, accept_encod
     assert response.status == 200
     assert response.headers["Content-Encoding"] == "gzip"  # sent even when not asked for
     body = await response.read()
-    assert response.headers["Content-Length"] == str(len(body))
+    assert_chunked_like_go(response.headers)
     good = gzip.compress(CAPTURE, compresslevel=6, mtime=0)
     assert len(body) == len(good)
     assert body[: len(good) // 2] == good[: len(good) // 2]  # the first half is intact
@@ -520,3 +531,163 @@ def test_huge_bytes_argument() -> None:
     assert (args.fault, args.huge_bytes) == ("huge", 1000)
     assert parser.parse_args([]).huge_bytes == 400 * 1024 * 1024
     assert {"garbage", "huge", "corrupt_gzip"} <= {f.value for f in Fault}
+
+
+# --- framing: as windows_exporter's Go server puts a body on the wire ----------------------------
+
+
+async def raw_exchange(
+    port: int, request: bytes, *, until_close: bool = False
+) -> tuple[bytes, bytes, list[int]]:
+    """Send a raw request; return (head, body as framed on the wire, offsets in it where reads ended)."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    try:
+        writer.write(request)
+        data = bytearray()
+        reads: list[int] = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            piece = await asyncio.wait_for(reader.read(1 << 20), 10)
+            if not piece:
+                break
+            data += piece
+            reads.append(len(data))
+            head_end = data.find(b"\r\n\r\n")
+            if until_close or head_end < 0:
+                continue
+            head = bytes(data[:head_end]).lower()
+            if b"transfer-encoding: chunked" in head and data.endswith(b"\r\n0\r\n\r\n"):
+                break
+            length = re.search(rb"content-length: (\d+)", head)
+            if length and len(data) - head_end - 4 >= int(length[1]):
+                break
+    finally:
+        writer.close()
+    head_end = data.index(b"\r\n\r\n") + 4
+    return bytes(data[:head_end]), bytes(data[head_end:]), [r - head_end for r in reads if r > head_end]
+
+
+def dechunk(wire: bytes) -> tuple[bytes, list[int]]:
+    """A chunked body's content and its chunk sizes (the last, 0, left out)."""
+    body = bytearray()
+    sizes = []
+    offset = 0
+    while True:
+        line_end = wire.index(b"\r\n", offset)
+        size = int(wire[offset:line_end], 16)
+        if size == 0:
+            assert wire[line_end:] == b"\r\n\r\n"
+            return bytes(body), sizes
+        body += wire[line_end + 2 : line_end + 2 + size]
+        assert wire[line_end + 2 + size : line_end + 4 + size] == b"\r\n"
+        sizes.append(size)
+        offset = line_end + 4 + size
+
+
+@pytest.fixture
+async def listening() -> Callable[..., Awaitable[tuple[int, FakeExporter]]]:
+    """A FakeExporter on a real loopback port, for raw socket clients."""
+    runners: list[Any] = []
+
+    async def start(**kwargs: Any) -> tuple[int, FakeExporter]:
+        exporter = FakeExporter(**kwargs)
+        runner = await run_fake_exporter(exporter, LOOPBACK, 0)
+        runners.append(runner)
+        return bound_port(runner), exporter
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+GET = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize("gzipped", [False, True], ids=["plain", "gzip"])
+async def test_go_framing_is_2048_byte_chunks_and_no_length(listening: Any, gzipped: bool) -> None:
+    port, _ = await listening()
+    request = GET.replace(b"\r\n\r\n", b"\r\nAccept-Encoding: gzip\r\n\r\n") if gzipped else GET
+    head, wire, _ = await raw_exchange(port, request)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"\r\nTransfer-Encoding: chunked\r\n" in head
+    assert b"Content-Length" not in head
+    body, sizes = dechunk(wire)
+    assert (gzip.decompress(body) if gzipped else body) == CAPTURE
+    assert len(sizes) > 10
+    assert set(sizes[:-1]) == {2048}
+    assert 0 < sizes[-1] <= 2048
+    assert go_wire(body) == wire  # the cached framing is the framing served
+
+
+async def test_go_framing_gives_a_short_body_a_length(listening: Any) -> None:
+    """Go sets Content-Length when the whole answer fit in its 2048-byte buffer."""
+    port, _ = await listening(source=b"# TYPE up gauge\nup 1\n")
+    head, body, _ = await raw_exchange(port, GET)
+    assert b"Content-Length: 21\r\n" in head
+    assert b"Transfer-Encoding" not in head
+    assert body == b"# TYPE up gauge\nup 1\n"
+
+
+async def test_split_framing_sends_each_crlf_apart_from_its_data(listening: Any) -> None:
+    port, _ = await listening(framing=Framing.SPLIT, split_pause=0.01)
+    head, wire, reads = await raw_exchange(port, GET.replace(b"/metrics", b"/metrics?collect[]=cpu"))
+    assert b"\r\nTransfer-Encoding: chunked\r\n" in head
+    body, sizes = dechunk(wire)
+    assert len(sizes) >= 3
+    assert set(sizes[:-1]) == {2048}
+    ends = chunk_ends(wire)
+    # Every chunk's data arrived before its CRLF: a read ended exactly there.
+    assert set(ends) <= set(reads), sorted(set(ends) - set(reads))
+    direct = await raw_exchange(port, GET.replace(b"/metrics", b"/metrics?collect[]=cpu"))
+    assert dechunk(direct[1])[0] == body
+
+
+async def test_content_length_framing_as_old_exporters(listening: Any) -> None:
+    port, _ = await listening(framing=Framing.CONTENT_LENGTH)
+    head, body, _ = await raw_exchange(port, GET)
+    assert f"Content-Length: {len(CAPTURE)}\r\n".encode() in head
+    assert b"Transfer-Encoding" not in head
+    assert body == CAPTURE
+
+
+async def test_http_1_0_body_ends_with_the_connection(listening: Any) -> None:
+    """Go has no chunking for HTTP/1.0: the body is unsized and the connection closes after it."""
+    port, _ = await listening()
+    head, body, _ = await raw_exchange(port, b"GET /metrics HTTP/1.0\r\n\r\n", until_close=True)
+    assert b"Content-Length" not in head
+    assert b"Transfer-Encoding" not in head
+    assert body == CAPTURE
+
+
+@pytest.mark.parametrize("framing", list(Framing))
+async def test_every_fault_under_every_framing(serve: Serve, framing: Framing) -> None:
+    cli, fake = await serve(framing=framing, split_pause=0.001, latency=0.16)
+    fake.fault = Fault.SLOW_BODY
+    assert await (await cli.get("/metrics", headers=IDENTITY)).read() == CAPTURE
+    fake.fault = Fault.RESET
+    response = await cli.get("/metrics", headers=IDENTITY)
+    with pytest.raises((aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError)):
+        await response.read()
+    fake.fault = Fault.HUGE
+    fake.huge_bytes = 300_000
+    assert await (await cli.get("/metrics")).read() == b"".join(huge_blocks(300_000))
+    fake.fault = Fault.CORRUPT_GZIP
+    corrupt = await (await cli.get("/metrics", auto_decompress=False)).read()
+    with pytest.raises((zlib.error, EOFError)):
+        inflate_whole(corrupt)
+    fake.fault = Fault.ERROR
+    assert (await cli.get("/metrics")).status == 500
+    fake.fault = Fault.NONE
+    assert await (await cli.get("/metrics", headers=IDENTITY)).read() == CAPTURE
+    chunked = framing is not Framing.CONTENT_LENGTH
+    assert ("Transfer-Encoding" in (await cli.get("/metrics")).headers) is chunked
+
+
+def test_framing_arguments() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).framing == "go"
+    args = parser.parse_args(["--framing", "split", "--split-pause", "0.3"])
+    assert (args.framing, args.split_pause) == ("split", 0.3)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--framing", "http2"])

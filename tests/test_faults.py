@@ -3,7 +3,10 @@
 For each fault and mode: the status the scraper gets (or that its body is aborted), the self-metric
 that counts it, one log line per failed upstream request, and a normal scrape once the fault is off.
 Everything runs on 127.0.0.1; the fake exporter runs with handler cancellation, as in production
-use, so a scrape the proxy gives up on frees the exporter's single scrape slot.
+use, so a scrape the proxy gives up on frees the exporter's single scrape slot. Its bodies are
+chunked as windows_exporter's Go server sends them, with every chunk's CRLF written apart from its
+data (Framing.SPLIT): the framing that once made a short body look whole. The two tests of bodies
+larger than memory use Go's framing without the pauses, which would take minutes at that size.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from aiohttp.test_utils import TestClient
 from proxy.fake_exporter import (
     FakeExporter,
     Fault,
+    Framing,
     bound_port,
     huge_blocks,
     huge_length,
@@ -93,7 +97,7 @@ class Exporter:
 
 @pytest.fixture
 async def exporter() -> AsyncIterator[Exporter]:
-    running = Exporter(FakeExporter())
+    running = Exporter(FakeExporter(framing=Framing.SPLIT, split_pause=0.0005))
     await running.start()
     try:
         yield running
@@ -508,6 +512,7 @@ async def test_body_far_larger_than_memory_stays_streamed(
     await case.scrape()  # warm-up: pools, buffers and caches as a normal scrape leaves them
     successes = outcome_count(await case.self_metrics(), "success")
     exporter.fake.fault = Fault.HUGE
+    exporter.fake.framing = Framing.GO
     exporter.fake.huge_bytes = size
     gc.collect()
     baseline = rss()
@@ -539,6 +544,7 @@ async def test_slow_follower_does_not_make_the_proxy_hold_the_body(
     case = await proxy_for("coalesced")
     await case.scrape()
     exporter.fake.fault = Fault.HUGE
+    exporter.fake.framing = Framing.GO
     exporter.fake.huge_bytes = size
     gc.collect()
     baseline = rss()
