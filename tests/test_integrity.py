@@ -14,15 +14,26 @@ network does only now and then. tests/test_node_exporter.py runs the real Go sib
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
+import os
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from proxy.app import create_app
 from proxy.fake_exporter import CAPTURE_NAME, TEXT_CONTENT_TYPE
+from proxy.fake_wire import LAST_CHUNK, chunk_ends, go_chunks, go_wire
 from proxy.settings import load_settings
 from tests.conftest import LOOPBACK
 from tests.rawserver import raw_server
@@ -117,3 +128,173 @@ async def test_gzip_chunks_split_from_their_crlf_pass_whole() -> None:
             status, received, error = await scrape(server.port, {"Accept-Encoding": "gzip"})
     assert (status, error) == (200, None)
     assert received == gzipped
+
+
+# --- integrity under every split: a property test ------------------------------------------------
+
+PROPERTY_RULES = (
+    "metric_relabel_configs:\n"
+    "  - source_labels: [__name__]\n"
+    "    regex: windows_(cpu|os|net|logical_disk|service)_.*\n"
+    "    action: keep\n"
+    "  - target_label: node\n    replacement: node-1\n"
+)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One upstream answer as Go frames it: the head, the chunked wire, and where it may be cut."""
+
+    head: bytes = field(repr=False)
+    wire: bytes = field(repr=False)
+    # Offsets inside size lines, around each data/CRLF edge, and inside the final 0\r\n\r\n.
+    special: tuple[int, ...] = field(repr=False)
+
+    @classmethod
+    def of(cls, body: bytes, *, gzipped: bool) -> Answer:
+        wire = go_wire(body)
+        special: set[int] = set()
+        for end in chunk_ends(wire):
+            special.update((end, end + 1))  # data|CRLF and CR|LF
+        offset = 0
+        for chunk in go_chunks(body):
+            size_line = b"%x\r\n" % len(chunk)
+            special.update(range(offset + 1, offset + len(size_line)))
+            offset += len(size_line) + len(chunk) + 2
+        special.update(range(len(wire) - len(LAST_CHUNK) + 1, len(wire)))
+        return cls(head(gzipped=gzipped), wire, tuple(sorted(special)))
+
+
+@dataclass
+class Plan:
+    """What the scripted upstream does for the next request: where to cut, and whether to stop."""
+
+    answer: Answer
+    cuts: list[int]
+    stop: int | None = None  # send only this many wire bytes, then end the connection
+    abrupt: bool = False  # end it with a RST instead of a FIN
+
+
+class SplittingUpstream:
+    """A raw upstream on 127.0.0.1 that sends each answer in the segments a Plan says."""
+
+    def __init__(self) -> None:
+        self.plan: Plan | None = None
+
+    async def script(self, _head: bytes, writer: asyncio.StreamWriter) -> None:
+        plan = self.plan
+        assert plan is not None
+        wire = plan.answer.wire if plan.stop is None else plan.answer.wire[: plan.stop]
+        writer.write(plan.answer.head)
+        start = 0
+        for cut in [*sorted(c for c in set(plan.cuts) if 0 < c < len(wire)), len(wire)]:
+            await writer.drain()
+            await asyncio.sleep(0.001)  # the proxy reads what came so far on its own
+            writer.write(wire[start:cut])
+            start = cut
+        await writer.drain()
+        if plan.stop is not None:
+            if plan.abrupt:
+                writer.transport.abort()
+            else:
+                writer.close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[asyncio.AbstractEventLoop, Any]]:
+    """One event loop with the splitting upstream and two proxies (passthrough, rules) in front."""
+    rules = tmp_path_factory.mktemp("rules") / "rules.yml"
+    rules.write_text(PROPERTY_RULES)
+    loop = asyncio.new_event_loop()
+    upstream = SplittingUpstream()
+    stack = contextlib.AsyncExitStack()
+
+    async def start() -> dict[str, int]:
+        raw = await stack.enter_async_context(raw_server(upstream.script))
+        ports = {}
+        for mode, extra in (("passthrough", {}), ("rules", {"relabel_config": str(rules)})):
+            settings = load_settings(hostip=LOOPBACK, port=str(raw.port), **extra)
+            server = await stack.enter_async_context(TestServer(create_app(settings), host=LOOPBACK))
+            ports[mode] = server.port
+        return ports
+
+    try:
+        ports = loop.run_until_complete(start())
+        yield loop, (upstream, ports, rules)
+    finally:
+        loop.run_until_complete(stack.aclose())
+        loop.close()
+
+
+@pytest.fixture(scope="module")
+def relabeled_capture(served: tuple[asyncio.AbstractEventLoop, Any]) -> bytes:
+    """What the `relabel` dry run makes of the capture with the same rules: the expected body."""
+    rules = served[1][2]
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "relabel", "--config", str(rules), "-"],
+        input=CAPTURE,
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    assert b"windows_cpu_time_total{" in result.stdout
+    assert b'node="node-1"' in result.stdout
+    return result.stdout
+
+
+ANSWERS = {
+    "plain": Answer.of(CAPTURE, gzipped=False),
+    "gzip": Answer.of(gzip.compress(CAPTURE, mtime=0), gzipped=True),
+}
+
+
+@st.composite
+def plans(draw: st.DrawFn, answer: Answer) -> Plan:
+    anywhere = st.integers(1, len(answer.wire) - 1)
+    cuts = draw(st.lists(st.one_of(st.sampled_from(answer.special), anywhere), max_size=10))
+    stop = draw(
+        st.one_of(st.none(), st.none(), st.sampled_from(answer.special), st.integers(0, len(answer.wire) - 1))
+    )
+    return Plan(answer, cuts, stop, draw(st.booleans()))
+
+
+PROPERTY = settings(
+    max_examples=int(os.environ.get("INTEGRITY_EXAMPLES", "40")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    derandomize=True,
+)
+
+
+@pytest.mark.parametrize("encoding", ["plain", "gzip"])
+@pytest.mark.parametrize("mode", ["passthrough", "rules"])
+def test_whole_or_broken_under_every_split(
+    served: tuple[asyncio.AbstractEventLoop, Any], relabeled_capture: bytes, mode: str, encoding: str
+) -> None:
+    """Byte-identical (or the dry run's output, with rules) or a broken connection; never short and clean."""
+    loop, (upstream, ports, _rules) = served
+    answer = ANSWERS[encoding]
+    if mode == "rules":
+        expected = relabeled_capture  # the proxy gunzips what it rewrites, and this scraper takes plain
+        headers: dict[str, str] = {}
+    else:
+        expected = gzip.compress(CAPTURE, mtime=0) if encoding == "gzip" else CAPTURE
+        headers = {"Accept-Encoding": "gzip"} if encoding == "gzip" else {}
+    outcomes: Counter[str] = Counter()
+
+    @PROPERTY
+    @given(plan=plans(answer))
+    def check(plan: Plan) -> None:
+        upstream.plan = plan
+        status, received, error = loop.run_until_complete(asyncio.wait_for(scrape(ports[mode], headers), 30))
+        if plan.stop is None:
+            assert (status, error) == (200, None)
+        if error is None:
+            assert received == expected, f"a clean {status} with {len(received)} of {len(expected)} bytes"
+            outcomes["whole"] += 1
+        else:
+            outcomes["broken"] += 1
+
+    check()
+    assert outcomes["whole"] > 0, outcomes  # both kinds of plan were tried
+    assert outcomes["broken"] > 0, outcomes
