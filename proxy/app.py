@@ -22,6 +22,7 @@ from aiohttp.typedefs import Handler
 from proxy import __version__
 from proxy.coalesce import Flight, FlightAborted, Flights, Head, Refusal
 from proxy.exposition import is_openmetrics
+from proxy.inflight import STOPPING, InFlight
 from proxy.rewrite import BodyRewrite, BrokenBody, RuleSet
 from proxy.rules import build_rule_set
 from proxy.settings import Settings
@@ -41,6 +42,7 @@ log = logging.getLogger("proxy.app")
 SERVER_HEADER = f"windows-metrics-proxy/{__version__}"
 UPSTREAM_KEY: web.AppKey[Upstream] = web.AppKey("upstream", Upstream)
 TELEMETRY_KEY: web.AppKey[Telemetry] = web.AppKey("telemetry", Telemetry)
+IN_FLIGHT_KEY: web.AppKey[InFlight] = web.AppKey("in_flight", InFlight)
 
 # Rewritten bodies are gzipped for scrapers that accept it. Level 1: metrics text still shrinks
 # about tenfold, for a fraction of the CPU of the default level on a busy Windows node.
@@ -201,10 +203,12 @@ class MetricsProxy:
                 writer = None
             try:
                 await self._pump(upstream, transform, flight, request, writer, deadline, started)
-            except asyncio.CancelledError:
+            except asyncio.CancelledError as cancelled:
                 # This scraper's handler was cancelled (it hung up, or the server is stopping).
-                # Followers still want the body: finish it for them in the background.
-                if flight is not None and flight.has_followers:
+                # Followers still want the body: finish it for them in the background, unless
+                # the stop is aborting them too.
+                stopping = cancelled.args == (STOPPING,)
+                if flight is not None and flight.has_followers and not stopping:
                     task = asyncio.create_task(
                         self._pump(upstream, transform, flight, request, None, deadline, started)
                     )
@@ -213,7 +217,7 @@ class MetricsProxy:
                     handed_off = True
                 else:
                     upstream.close()
-                    self._count("cancelled", "the scraper went away mid-body")
+                    self._count("cancelled", STOPPING if stopping else "the scraper went away mid-body")
                 raise
             return writer.response if writer is not None else web.Response(status=499)
         finally:
@@ -419,7 +423,9 @@ def create_app(
         telemetry.watch_relabel_cache(rules.cache)
     proxy = MetricsProxy(settings, upstream, telemetry, rules)
 
-    middlewares = []
+    # Outermost, so a stop also knows about a request still waiting on basic auth.
+    in_flight = InFlight(proxy._background)
+    middlewares = [in_flight.track]
     if web_config is not None and web_config.requires_auth:
         middlewares.append(
             basic_auth_middleware(
@@ -431,6 +437,7 @@ def create_app(
     )
     app[UPSTREAM_KEY] = upstream
     app[TELEMETRY_KEY] = telemetry
+    app[IN_FLIGHT_KEY] = in_flight
 
     async def upstream_pool(_app: web.Application):  # type: ignore[no-untyped-def]
         await upstream.start()

@@ -15,7 +15,7 @@ from typing import Any, get_args
 
 from proxy import __version__
 from proxy.logs import configure_logging
-from proxy.runtime import StopSignals, loop_factory
+from proxy.runtime import StopSignals, console_wait_limit, loop_factory
 from proxy.server import start_proxy
 from proxy.settings import ConfigError, Settings, env_name, flag_name, load_settings
 
@@ -60,13 +60,24 @@ async def serve(settings: Settings, stop: asyncio.Event, *, loop_name: str = "as
         log.info("stopped")
 
 
-def run(main: Callable[[asyncio.Event, str], Coroutine[Any, Any, None]]) -> int:
-    """Run a coroutine on the platform's loop until it ends or a stop signal arrives."""
+DEFAULT_SHUTDOWN_TIMEOUT: float = Settings.model_fields["shutdown_timeout"].default
+
+
+def run(
+    main: Callable[[asyncio.Event, str], Coroutine[Any, Any, None]],
+    *,
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+) -> int:
+    """Run a coroutine on the platform's loop until it ends or a stop signal arrives.
+
+    shutdown_timeout is the budget `main` stops within once the stop event is set; on Windows the
+    console handler holds the process open that long, plus STOP_ALLOWANCE, and no longer.
+    """
     factory, loop_name = loop_factory()
     with asyncio.Runner(loop_factory=factory) as runner:
         loop = runner.get_loop()
         stop = asyncio.Event()
-        signals = StopSignals(loop, stop)
+        signals = StopSignals(loop, stop, wait_limit=console_wait_limit(shutdown_timeout))
         signals.install()
         try:
             runner.run(main(stop, loop_name))
@@ -83,7 +94,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     settings.require_upstream()
     configure_logging(settings.log_level, settings.log_format)
-    return run(lambda stop, loop_name: serve(settings, stop, loop_name=loop_name))
+    return run(
+        lambda stop, loop_name: serve(settings, stop, loop_name=loop_name),
+        shutdown_timeout=settings.shutdown_timeout,
+    )
 
 
 def _cmd_fake_exporter(args: argparse.Namespace) -> int:
@@ -98,7 +112,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     configure_logging(settings.log_level, settings.log_format)
-    return run(lambda stop, loop_name: demo.run_demo(settings, args, stop, loop_name=loop_name))
+    return run(
+        lambda stop, loop_name: demo.run_demo(settings, args, stop, loop_name=loop_name),
+        shutdown_timeout=settings.shutdown_timeout,
+    )
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:

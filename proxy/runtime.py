@@ -22,6 +22,18 @@ from typing import Any
 
 log = logging.getLogger("proxy.runtime")
 
+# How long the console handler waits beyond the stop budget (PROXY_SHUTDOWN_TIMEOUT): when the
+# budget is spent the stop aborts what is still in flight, and then needs a moment to unwind the
+# aborted handlers, let aiohttp sweep up and close the exporter pool (server.py). With the default
+# budget, 4.0 + 0.5 = 4.5 s, inside the about 5 s Windows gives a stopping container.
+STOP_ALLOWANCE = 0.5
+
+
+def console_wait_limit(shutdown_timeout: float) -> float:
+    """How long a console handler blocks for a stop with this budget before letting Windows end it."""
+    return shutdown_timeout + STOP_ALLOWANCE
+
+
 # wincon.h
 CTRL_C_EVENT = 0
 CTRL_BREAK_EVENT = 1
@@ -50,7 +62,11 @@ def loop_factory(platform: str | None = None) -> tuple[Callable[[], asyncio.Abst
 
 
 class StopSignals:
-    """Turns the platform's stop requests into one asyncio.Event, and waits for shutdown on Windows."""
+    """Turns the platform's stop requests into one asyncio.Event, and waits for shutdown on Windows.
+
+    wait_limit: the longest a console handler blocks for the stop (console_wait_limit of the
+    budget). Past it, the handler returns and Windows ends the process, stopped or not.
+    """
 
     def __init__(
         self,
@@ -59,7 +75,7 @@ class StopSignals:
         *,
         platform: str | None = None,
         kernel32: Any = None,
-        wait_limit: float = 4.5,
+        wait_limit: float,
     ) -> None:
         self.loop = loop
         self.stop = stop

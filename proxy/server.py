@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from proxy import __version__
-from proxy.app import create_app
+from proxy.app import IN_FLIGHT_KEY, TELEMETRY_KEY, create_app
 from proxy.listener import ConnectionGuard, listen
 from proxy.logs import quiet_bad_requests
 from proxy.settings import ConfigError, Settings, env_name
@@ -20,15 +20,66 @@ from proxy.webconfig import WebConfig, WebConfigError, load_web_config
 log = logging.getLogger("proxy.server")
 
 
+# After the budget, the rest of a stop fits in runtime.STOP_ALLOWANCE (0.5 s): aborted handlers
+# and background pumps get UNWIND_TIMEOUT to run their except and finally blocks, and aiohttp's
+# own shutdown, which by then should find nothing in flight, waits at most twice
+# STRAGGLER_TIMEOUT for anything that slipped past (aiohttp's own 400 answers to unparsable
+# requests never reach the app). What is left is closing the exporter pool.
+UNWIND_TIMEOUT = 0.2
+STRAGGLER_TIMEOUT = 0.05
+
+
 @dataclass
 class RunningProxy:
     runner: web.AppRunner
     server: asyncio.AbstractServer
     port: int
+    shutdown_timeout: float
+    _closed: bool = field(default=False, init=False)
 
     async def close(self) -> None:
-        """Stop accepting, let in-flight scrapes finish within the shutdown timeout, close the pool."""
+        """Stop within one budget, shutdown_timeout (PROXY_SHUTDOWN_TIMEOUT).
+
+        Stop accepting; close idle keep-alive connections at once; let the requests in flight
+        finish until the budget is spent; then abort the connections of those still running (a
+        scraper must see a broken body, never a clean short one) and cancel their handlers and
+        background pumps. aiohttp's cleanup and the pool's close then find nothing to wait for.
+        A second call does nothing.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        app = self.runner.app
+        in_flight = app[IN_FLIGHT_KEY]
         self.server.close()
+        web_server = self.runner.server
+        if web_server is not None:
+            # No connection reads another request; one that is busy closes after its answer.
+            web_server.pre_shutdown()
+            # A request whose head was read before that still gets its handler (and so enters the
+            # app's InFlight) within two turns of the loop: one for aiohttp's connection task to
+            # take it, one for the handler task it starts. Only then is "idle" certain.
+            for _ in range(2):
+                await asyncio.sleep(0)
+            busy = in_flight.busy_connections()
+            for connection in web_server.connections:
+                if connection not in busy:
+                    connection.force_close()  # idle keep-alive: a request sent now would hang
+        if not await in_flight.drain(self.shutdown_timeout):
+            scrapes, others = await in_flight.abort(UNWIND_TIMEOUT)
+            app[TELEMETRY_KEY].client_aborts.inc(scrapes)
+            log.warning(
+                "stop budget spent: aborted what was in flight",
+                extra={
+                    "fields": {
+                        "scrapes": scrapes,
+                        "other_requests": others,
+                        "shutdown_timeout": self.shutdown_timeout,
+                    }
+                },
+            )
+        else:
+            await in_flight.abort(UNWIND_TIMEOUT)  # pumps left behind serve nobody now
         await self.runner.cleanup()
         await self.server.wait_closed()
 
@@ -54,7 +105,9 @@ async def start_proxy(settings: Settings, *, loop_name: str = "asyncio") -> Runn
         app,
         handle_signals=False,
         access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
-        shutdown_timeout=settings.shutdown_timeout,
+        # RunningProxy.close spends the budget itself; aiohttp only sweeps up (a timeout of 0
+        # would mean no timeout to aiohttp, so it must stay positive).
+        shutdown_timeout=STRAGGLER_TIMEOUT,
     )
     await runner.setup()
     assert runner.server is not None
@@ -88,4 +141,4 @@ async def start_proxy(settings: Settings, *, loop_name: str = "asyncio") -> Runn
             }
         },
     )
-    return RunningProxy(runner, server, port)
+    return RunningProxy(runner, server, port, settings.shutdown_timeout)

@@ -99,7 +99,8 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(
         default=4.0,
         ge=0,
-        description="Seconds in-flight scrapes get to finish on stop (Windows kills after ~5 s).",
+        description="Seconds a stop lets in-flight scrapes finish before it aborts them; the whole "
+        "stop takes at most this plus 0.5 s (Windows kills after ~5 s).",
     )
     max_connections: int = Field(
         default=256,

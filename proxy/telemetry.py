@@ -38,7 +38,7 @@ OUTCOMES = (
     "body_timeout",  # the deadline passed mid-body; the client connection was aborted
     "body_error",  # the body broke off mid-way; the client connection was aborted
     "relabel_error",  # the rules removed a series' name, as Prometheus fails that scrape; aborted
-    "cancelled",  # every scraper went away before the response was complete
+    "cancelled",  # every scraper went away before the response was complete, or the proxy stopped
 )
 
 # Scrape latencies of a windows_exporter sit between tens of milliseconds and the timeout.
@@ -107,7 +107,9 @@ class Telemetry:
         )
         self.client_aborts = Counter(
             f"{PREFIX}_client_aborts",
-            "Scraper connections aborted on purpose because the upstream body broke off.",
+            "Scraper connections aborted on purpose: the upstream body broke off, the scraper did "
+            "not read within its scrape timeout, it fell too far behind a shared flight, or the "
+            "proxy stopped before the scrape was complete (PROXY_SHUTDOWN_TIMEOUT ran out).",
             registry=r,
         )
 

@@ -107,13 +107,15 @@ async def test_windows_branch_never_touches_posix_signals(monkeypatch: pytest.Mo
         raise NotImplementedError("add_signal_handler is not available on Windows")
 
     monkeypatch.setattr(loop, "add_signal_handler", refuse)
-    runtime.StopSignals(loop, asyncio.Event(), platform="win32", kernel32=FakeKernel32()).install()
+    runtime.StopSignals(
+        loop, asyncio.Event(), platform="win32", kernel32=FakeKernel32(), wait_limit=5
+    ).install()
 
 
 async def test_posix_sigterm_sets_the_stop_event() -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    signals = runtime.StopSignals(loop, stop, platform="linux")
+    signals = runtime.StopSignals(loop, stop, platform="linux", wait_limit=5)
     signals.install()
     try:
         os.kill(os.getpid(), signal.SIGTERM)
@@ -121,3 +123,58 @@ async def test_posix_sigterm_sets_the_stop_event() -> None:
         assert signals.received == "SIGTERM"
     finally:
         signals.uninstall()
+
+
+def test_the_console_handler_waits_the_configured_budget_plus_the_allowance(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """cli.run on a simulated Windows: a stop that overruns is let go at budget + STOP_ALLOWANCE."""
+    from proxy import cli
+
+    budget = 0.3
+    kernel32 = FakeKernel32()
+    real = runtime.StopSignals
+
+    def on_windows(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, **kwargs: Any) -> Any:
+        return real(loop, stop, platform="win32", kernel32=kernel32, **kwargs)
+
+    monkeypatch.setattr(cli, "StopSignals", on_windows)
+    monkeypatch.setattr(cli, "loop_factory", lambda: (asyncio.new_event_loop, "asyncio"))
+    waited: list[float] = []
+
+    async def overrunning_stop(stop: asyncio.Event, _loop_name: str) -> None:
+        handler = kernel32.calls[0][0]
+
+        def windows_delivers() -> None:
+            delivered = time.monotonic()
+            handler(runtime.CTRL_SHUTDOWN_EVENT)  # blocks until the stop is done or the limit
+            waited.append(time.monotonic() - delivered)
+
+        thread = threading.Thread(target=windows_delivers)
+        thread.start()
+        await asyncio.wait_for(stop.wait(), timeout=2)
+        # This stop never finishes in time: the handler must give up on its own.
+        await asyncio.wait_for(asyncio.to_thread(thread.join), timeout=5)
+
+    assert cli.run(overrunning_stop, shutdown_timeout=budget) == 0
+    assert waited
+    expected = budget + runtime.STOP_ALLOWANCE
+    assert expected - 0.05 <= waited[0] < expected + 0.5, waited
+
+
+def test_serve_and_demo_hand_the_settings_budget_to_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy import cli
+
+    budgets: list[float] = []
+
+    def record(_main: Any, *, shutdown_timeout: float = -1.0) -> int:  # serves nothing
+        budgets.append(shutdown_timeout)
+        return 0
+
+    monkeypatch.setattr(cli, "run", record)
+    monkeypatch.setattr(cli, "configure_logging", lambda *_args: None)  # the test run's logging stays
+    assert cli.main(["serve", "--hostip", "127.0.0.1", "--shutdown-timeout", "1.5"]) == 0
+    assert cli.main(["demo", "--shutdown-timeout", "2.5"]) == 0
+    assert cli.main(["fake-exporter"]) == 0
+    assert budgets == [1.5, 2.5, -1.0]  # the fake exporter keeps run()'s default
+    assert runtime.console_wait_limit(cli.DEFAULT_SHUTDOWN_TIMEOUT) == 4.5  # inside Windows' ~5 s
