@@ -133,7 +133,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 def _cmd_relabel(args: argparse.Namespace) -> int:
     """Apply the rules to an exposition file, as the server would to the same upstream body."""
-    from proxy.rewrite import NamelessSeries, RuleSet, rewrite_bytes
+    from proxy.rewrite import LineTooLong, NamelessSeries, RuleSet, rewrite_bytes
     from proxy.rules import build_rules
 
     settings = settings_from_args(args)
@@ -151,6 +151,9 @@ def _cmd_relabel(args: argparse.Namespace) -> int:
         output = rewrite_bytes(body, RuleSet(rules), openmetrics=args.format == "openmetrics")
     except NamelessSeries as exc:
         print(f"{PROG}: error: {exc} (Prometheus fails such a scrape)", file=sys.stderr)
+        return EXIT_RUNTIME
+    except LineTooLong as exc:
+        print(f"{PROG}: error: {source}: {exc} (the proxy fails such a scrape)", file=sys.stderr)
         return EXIT_RUNTIME
     sys.stdout.buffer.write(output)
     sys.stdout.buffer.flush()

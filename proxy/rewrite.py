@@ -1,7 +1,9 @@
 """The streaming rewriter: exposition bytes in, relabeled exposition bytes out. Pure: no I/O.
 
 It works line by line on whatever chunks arrive, holding back only an unfinished last line (and,
-when rules can rename metrics, the current family), so memory stays flat as payloads grow.
+when rules can rename metrics, the current family), so memory stays flat as payloads grow. A line
+may not be longer than LINE_CAP: one that is would have to be held whole, so it fails the scrape
+(LineTooLong) rather than let an exporter grow the proxy's memory without limit.
 
 The same series come back on every scrape, so each series' outcome under the rules is cached,
 keyed on the series' raw text (`name{labels}`, exactly as the exporter wrote it), in a bounded LRU.
@@ -33,6 +35,10 @@ from proxy.exposition import (
 from proxy.relabel import NAME_LABEL, Rule, process
 
 BOM = b"\xef\xbb\xbf"
+# The longest line the rewriter holds, in bytes before its newline. windows_exporter's longest lines
+# are a few KiB (a service's or a process's labels); a line of a megabyte is an exporter gone wrong,
+# and past this the scrape fails with LineTooLong instead of the proxy buffering without limit.
+LINE_CAP = 1 << 20
 _FILTERS = frozenset({"keep", "drop", "keepequal", "dropequal"})
 EOF_LINE = b"# EOF"
 
@@ -124,11 +130,14 @@ class RewriteStats:
 class Rewriter:
     """Rewrites one exposition body; feed() chunks as they come, then finish()."""
 
-    def __init__(self, rules: RuleSet, *, openmetrics: bool) -> None:
+    def __init__(self, rules: RuleSet, *, openmetrics: bool, line_cap: int = LINE_CAP) -> None:
         self.rules = rules
         self.openmetrics = openmetrics
+        self.line_cap = line_cap
         self.stats = RewriteStats()
-        self._carry = b""
+        # The unfinished last line, grown in place: pieces of a long line are appended (amortized
+        # linear), never re-joined with each new piece, which was quadratic in the line's length.
+        self._pending = bytearray()
         self._started = False
         self._eof_seen = False
         # The current family: its name, the sample names it may hold, its metadata lines.
@@ -144,19 +153,31 @@ class Rewriter:
         self._consistent = True
 
     def feed(self, data: bytes) -> bytes:
+        pending = self._pending
         if not self._started:
-            data = self._carry + data
+            if pending:
+                data = bytes(pending) + data
+                pending.clear()
             if len(data) < len(BOM) and BOM.startswith(data):
-                self._carry = data  # maybe a BOM split across chunks
+                pending += data  # maybe a BOM split across chunks
                 return b""
             self._started = True
-            self._carry = b""
             if data.startswith(BOM):
                 data = data[len(BOM) :]
-        elif self._carry:
-            data = self._carry + data
+        if b"\n" not in data:
+            # One more piece of an unfinished line: checked against the cap before it is kept.
+            if len(pending) + len(data) > self.line_cap:
+                raise LineTooLong(self.line_cap)
+            pending += data
+            return b""
+        if pending:
+            data = b"".join((pending, data))
+            pending.clear()
         lines = data.split(b"\n")
-        self._carry = lines.pop()
+        # No line can be over the cap unless the data is: the usual chunk costs one comparison.
+        if len(data) > self.line_cap and max(map(len, lines)) > self.line_cap:
+            raise LineTooLong(self.line_cap)
+        pending += lines.pop()
         out: list[bytes] = []
         if self.rules.can_rename:
             self._lines_renaming(lines, out)
@@ -167,13 +188,14 @@ class Rewriter:
     def finish(self) -> bytes:
         """Rewrite a last line that had no newline and close the last family."""
         out: list[bytes] = []
+        carry = bytes(self._pending)
+        self._pending.clear()
         if not self._started:
             self._started = True
-            if self._carry.startswith(BOM):
-                self._carry = self._carry[len(BOM) :]
-        if self._carry:
-            lines = [self._carry]
-            self._carry = b""
+            if carry.startswith(BOM):
+                carry = carry[len(BOM) :]
+        if carry:
+            lines = [carry]
             if self.rules.can_rename:
                 self._lines_renaming(lines, out)
             else:
@@ -444,11 +466,30 @@ class NamelessSeries(BrokenBody):
         super().__init__(f"the relabel rules removed the metric name of {shown!r}")
 
 
+class LineTooLong(BrokenBody):
+    """The exporter sent a line longer than the rewriter holds (LINE_CAP).
+
+    Rewriting needs a whole line, so the alternative to failing is buffering without limit: an
+    exporter (or anything posing as one) that never sends a newline would grow the proxy's memory
+    until the scrape deadline. The scrape is broken instead, like any body that cannot be rewritten.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        super().__init__(f"a line longer than {_size(cap)}")
+
+
+def _size(count: int) -> str:
+    if count >= 1 << 20 and count % (1 << 20) == 0:
+        return f"{count >> 20} MiB ({count} bytes)"
+    return f"{count} bytes"
+
+
 class BodyRewrite:
     """gunzip (when the exporter compressed) then rewrite; what the app feeds upstream chunks to."""
 
-    def __init__(self, rules: RuleSet, *, openmetrics: bool, gzipped: bool) -> None:
-        self.rewriter = Rewriter(rules, openmetrics=openmetrics)
+    def __init__(self, rules: RuleSet, *, openmetrics: bool, gzipped: bool, line_cap: int = LINE_CAP) -> None:
+        self.rewriter = Rewriter(rules, openmetrics=openmetrics, line_cap=line_cap)
         self._inflate = zlib.decompressobj(wbits=47) if gzipped else None  # 32+15: gzip or zlib
 
     @property
@@ -476,6 +517,7 @@ class BodyRewrite:
 
 
 def rewrite_bytes(body: bytes, rules: RuleSet, *, openmetrics: bool) -> bytes:
-    """Rewrite a whole body at once (the `relabel` command and tests); same bytes as streaming."""
+    """Rewrite a whole body at once (the `relabel` command and tests); same bytes as streaming,
+    and the same LineTooLong for a line over the cap, so a dry run fails where a scrape would."""
     rewriter = Rewriter(rules, openmetrics=openmetrics)
     return rewriter.feed(body) + rewriter.finish()

@@ -1,4 +1,5 @@
-"""The event loop and stop signals, per platform. The only module that knows it might be on Windows.
+"""The event loop and stop signals, per platform. With winprocess.py (process_* self-metrics over the
+Win32 API), the only module that knows it might be on Windows.
 
 POSIX: uvloop when importable, SIGTERM/SIGINT through the loop's signal handlers.
 Windows: the default asyncio loop (uvloop has no Windows support), and a console control handler,

@@ -2,13 +2,23 @@
 
 A registry per app instead of prometheus-client's global one, so tests (and the demo) can run
 several proxies in one process without their counters mixing.
+
+No `_created` series: prometheus-client adds one per counter and histogram child (the time it was
+created), which doubles the counters' series for a number no dashboard of this proxy reads. The
+library's only switch, disable_created_metrics(), is process-global; render() leaves them out of
+this registry's output instead, so nothing else in the process is changed.
+
+process_* series: prometheus-client's ProcessCollector on Linux, which reads /proc; on Windows,
+which has none, winprocess.WindowsProcessCollector over the Win32 API.
 """
 
 from __future__ import annotations
 
-import platform
+import copy
 import sys
-from collections.abc import Sized
+from collections.abc import Iterable, Sized
+from platform import python_version
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -20,8 +30,11 @@ from prometheus_client import (
     ProcessCollector,
 )
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
 
 from proxy import __version__
+from proxy.runtime import is_windows
+from proxy.winprocess import WindowsProcessCollector
 
 PREFIX = "windows_metrics_proxy"
 
@@ -38,6 +51,7 @@ OUTCOMES = (
     "body_timeout",  # the deadline passed mid-body; the client connection was aborted
     "body_error",  # the body broke off mid-way; the client connection was aborted
     "relabel_error",  # the rules removed a series' name, as Prometheus fails that scrape; aborted
+    "line_too_long",  # with rules, a line over the rewriter's 1 MiB cap (rewrite.LINE_CAP); aborted
     "cancelled",  # every scraper went away before the response was complete, or the proxy stopped
 )
 
@@ -46,12 +60,21 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 
 class Telemetry:
-    """All self-metrics in one place, created once per app."""
+    """All self-metrics in one place, created once per app.
 
-    def __init__(self, *, loop_name: str = "asyncio") -> None:
+    platform and kernel32 stand in for sys.platform and the real kernel32, so tests on Linux can run
+    the Windows branch (as runtime.StopSignals takes them).
+    """
+
+    def __init__(
+        self, *, loop_name: str = "asyncio", platform: str | None = None, kernel32: Any = None
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        ProcessCollector(registry=r)
+        if is_windows(platform):
+            WindowsProcessCollector(registry=r, kernel32=kernel32)
+        else:
+            ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         Info(
             f"{PREFIX}_build",
@@ -60,8 +83,8 @@ class Telemetry:
         ).info(
             {
                 "version": __version__,
-                "python": platform.python_version(),
-                "platform": sys.platform,
+                "python": python_version(),
+                "platform": platform or sys.platform,
                 "loop": loop_name,
             }
         )
@@ -144,13 +167,14 @@ class Telemetry:
         )
         self.refused_connections = Counter(
             f"{PREFIX}_refused_connections",
-            "Client connections closed by the proxy: over PROXY_MAX_CONNECTIONS (limit), no "
-            "complete request head within PROXY_HEADER_TIMEOUT (header_timeout), or a head over "
-            "64 KiB (head_too_large).",
+            "Client connections closed by the proxy: at PROXY_MAX_CONNECTIONS with every "
+            "connection busy, answered 503 (limit); at the cap, an idle connection closed to make "
+            "room for a new one (idle_evicted); no complete request head within "
+            "PROXY_HEADER_TIMEOUT (header_timeout); or a head over 64 KiB (head_too_large).",
             ["reason"],
             registry=r,
         )
-        for reason in ("limit", "header_timeout", "head_too_large"):
+        for reason in ("limit", "idle_evicted", "header_timeout", "head_too_large"):
             self.refused_connections.labels(reason)
         self.auth_failures = Counter(
             f"{PREFIX}_auth_failures",
@@ -164,4 +188,19 @@ class Telemetry:
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """Serialize in the format the scraper prefers (OpenMetrics or text 0.0.4)."""
         encoder, content_type = choose_encoder(accept or "")
-        return encoder(self.registry), content_type
+        return encoder(_WithoutCreated(self.registry)), content_type
+
+
+class _WithoutCreated:
+    """A view of a registry with every `_created` sample left out (see the module docstring)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in self.registry.collect():
+            created = metric.name + "_created"
+            if any(sample.name == created for sample in metric.samples):
+                metric = copy.copy(metric)
+                metric.samples = [sample for sample in metric.samples if sample.name != created]
+            yield metric

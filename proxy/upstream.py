@@ -21,7 +21,7 @@ from aiohttp.abc import AbstractResolver
 
 from proxy import __version__
 from proxy.exposition import without_protobuf
-from proxy.rewrite import NamelessSeries
+from proxy.rewrite import LineTooLong, NamelessSeries
 from proxy.settings import ConfigError, Settings
 
 log = logging.getLogger("proxy.upstream")
@@ -316,4 +316,8 @@ def body_failure(exc: BaseException, deadline: float) -> tuple[str, str]:
         return "body_timeout", f"body not complete within {deadline:g}s"
     if isinstance(exc, NamelessSeries):
         return "relabel_error", f"{exc}: Prometheus fails such a scrape, so the proxy breaks it too"
+    if isinstance(exc, LineTooLong):
+        # Not body_error: nothing broke off, and the same exporter output fails every scrape
+        # until it changes, which an operator should be able to tell from a flaky network.
+        return "line_too_long", f"the exporter sent {exc}, more than the relabel rewriter holds"
     return "body_error", f"body broke off: {describe(exc)}"

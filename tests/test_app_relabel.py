@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +16,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from proxy.app import create_app
 from proxy.fake_exporter import FakeExporter, Fault
 from proxy.relabel import parse_rules
-from proxy.rewrite import RuleSet, rewrite_bytes
+from proxy.rewrite import LINE_CAP, RuleSet, rewrite_bytes
 from proxy.settings import load_settings
 from tests.conftest import LOOPBACK, ProxyFactory
 from tests.rawserver import raw_server
 from tests.test_app import PROMETHEUS_ACCEPT, raw_get, read_until_error, sample_value
-from tests.test_rewrite import CAPTURE, NODE_KEEP_LIST
+from tests.test_rewrite import CAPTURE, NODE_KEEP_LIST, long_sample
 
 RULES_YAML = f"""
 metric_relabel_configs:
@@ -178,6 +179,35 @@ async def test_corrupt_gzip_from_the_exporter_aborts(rules_file: Path) -> None:
     assert isinstance(error, aiohttp.ClientPayloadError)
 
 
+async def test_a_line_over_the_cap_aborts_and_is_counted_as_line_too_long(
+    rules_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = b"# TYPE windows_long gauge\n" + long_sample(LINE_CAP + 1) + b"\n"
+
+    async def script(head: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
+        await writer.drain()
+
+    async with raw_server(script) as upstream:
+        settings = load_settings(hostip=LOOPBACK, port=str(upstream.port), relabel_config=str(rules_file))
+        async with TestServer(create_app(settings), host=LOOPBACK) as server:
+            with caplog.at_level(logging.INFO):
+                status, error, _ = await read_until_error(server.port)
+            _, _, own = await raw_get(server.port, "/proxy/metrics")
+    assert status == 200
+    assert isinstance(error, aiohttp.ClientPayloadError)
+    text = own.decode()
+    total = "windows_metrics_proxy_upstream_requests_total"
+    assert sample_value(text, total, 'outcome="line_too_long"') == 1
+    assert sample_value(text, total, 'outcome="body_error"') == 0
+    assert sample_value(text, "windows_metrics_proxy_client_aborts_total") == 1
+    [record] = [r for r in caplog.records if getattr(r, "fields", {}).get("outcome") == "line_too_long"]
+    assert "a line longer than 1 MiB (1048576 bytes)" in record.fields["reason"]  # type: ignore[attr-defined]
+
+
 async def test_keep_and_drop_shorthands(make_proxy: ProxyFactory, fake_server: TestServer) -> None:
     client = await make_proxy(port=fake_server.port, keep="windows_(os|cpu)_.*", drop="windows_cpu_.*")
     body = await (await client.get("/metrics")).text()
@@ -220,6 +250,16 @@ async def test_relabel_command_matches_what_the_server_serves(
         assert from_file.returncode == 0, from_file.stderr
         assert from_file.stdout == served
         assert from_stdin.stdout == served
+
+
+def test_relabel_command_fails_on_a_line_over_the_cap(rules_file: Path, tmp_path: Path) -> None:
+    source = tmp_path / "long.prom"
+    source.write_bytes(b"windows_os_x 1\n" + long_sample(LINE_CAP + 1) + b"\n")
+    result = cli("relabel", "--config", str(rules_file), str(source))
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == b""
+    assert b"a line longer than 1 MiB (1048576 bytes)" in result.stderr
+    assert b"Traceback" not in result.stderr
 
 
 def test_check_config_accepts_and_rejects(rules_file: Path, tmp_path: Path) -> None:

@@ -12,7 +12,9 @@ if the image works. It also runs anywhere else (the test suite runs it on Linux)
 2. on Windows, checks the console control API the proxy's graceful stop relies on;
 3. starts the fake windows_exporter and the proxy (`python -m proxy`, the image's entrypoint) on
    loopback ports and scrapes /health, /metrics, /ready and /proxy/metrics through the proxy, with
-   a relabel rule (PROXY_RELABEL_CONFIG) that keeps one metric, so RE2 and the rewriter run too.
+   a relabel rule (PROXY_RELABEL_CONFIG) that keeps one metric, so RE2 and the rewriter run too;
+   /proxy/metrics must carry process_* series, which on Windows come from the Win32 calls in
+   proxy/winprocess.py (the only place those calls run for real before a pod does).
 
 Exit status 0 means all of it worked; anything else prints what did not.
 """
@@ -190,6 +192,9 @@ def check_end_to_end(problems: list[str]) -> None:
                 ("/metrics", 200, b"windows_cpu_time_total{", b"windows_os_info"),
                 ("/ready", 200, b"", None),
                 ("/proxy/metrics", 200, b"windows_metrics_proxy_build_info", None),
+                ("/proxy/metrics", 200, b"\nprocess_cpu_seconds_total ", None),
+                ("/proxy/metrics", 200, b"\nprocess_start_time_seconds ", None),
+                ("/proxy/metrics", 200, b"\nprocess_resident_memory_bytes ", None),
             ]
             for path, status, needle, absent in expectations:
                 got_status, body = get(base + path)
