@@ -1,13 +1,19 @@
-"""Log setup: one line per event, as text (logfmt-like) or JSON, for `kubectl logs` and collectors.
+r"""Log setup: one line per event, as logfmt text or JSON, for `kubectl logs` and collectors.
 
 Call sites pass structured fields through `extra={"fields": {...}}`, so both formats show them
 without parsing the message.
+
+The text format is logfmt as go-logfmt writes it (and Loki, Grafana and logfmt tools read it):
+`ts=... level=... msg=...` and then the fields, a value bare unless it holds a space, a control
+character, `=` or `"`, or is empty; then it is double-quoted, with `\\ \" \n \r \t` and `\u00XX`
+escapes, so every event, a traceback too, stays one line.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any, TextIO
@@ -25,15 +31,45 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return fields if isinstance(fields, dict) else {}
 
 
+# go-logfmt's rule: a value holding any of these is quoted (U+FFFD stands for bytes that were
+# not UTF-8 there, so a reader cannot take it for a bare value either).
+_NEEDS_QUOTES = re.compile(r'[\x00-\x20="\x7f\ufffd]')
+_ESCAPED = re.compile(r'[\x00-\x1f"\\\x7f]')
+_SHORT_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# A key is a run of characters above space other than `=` and `"`; anything else becomes `_`.
+_NOT_IN_KEY = re.compile(r'[\x00-\x20="\x7f]')
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return _SHORT_ESCAPES.get(char) or f"\\u{ord(char):04x}"
+
+
+def logfmt_value(value: object) -> str:
+    """One value as logfmt writes it: bare when it can be, else quoted and escaped. An empty
+    value is written `""` rather than nothing: every reader takes that for the empty string,
+    while some take a bare `key=` for a flag."""
+    text = str(value)
+    if text and not _NEEDS_QUOTES.search(text):
+        return text
+    return '"' + _ESCAPED.sub(_escape, text) + '"'
+
+
+def logfmt_key(key: object) -> str:
+    return _NOT_IN_KEY.sub("_", str(key)) or "_"
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        parts = [_timestamp(record), f"level={record.levelname.lower()}", f"msg={record.getMessage()!r}"]
-        for key, value in _fields(record).items():
-            text = str(value)
-            parts.append(f"{key}={text!r}" if (" " in text or not text) else f"{key}={text}")
+        pairs: list[tuple[object, object]] = [
+            ("ts", _timestamp(record)),
+            ("level", record.levelname.lower()),
+            ("msg", record.getMessage()),
+            *_fields(record).items(),
+        ]
         if record.exc_info:
-            parts.append(f"error={self.formatException(record.exc_info)!r}")
-        return " ".join(parts)
+            pairs.append(("error", self.formatException(record.exc_info)))
+        return " ".join(f"{logfmt_key(key)}={logfmt_value(value)}" for key, value in pairs)
 
 
 class JsonFormatter(logging.Formatter):

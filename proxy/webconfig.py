@@ -23,9 +23,13 @@ import base64
 import binascii
 import hashlib
 import hmac
+import logging
+import os
+import re
 import ssl
+import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,22 @@ TLS_VERSIONS = {
     "TLS13": ssl.TLSVersion.TLSv1_3,
 }
 REALM = "windows-metrics-proxy"
+
+log = logging.getLogger("proxy.webconfig")
+
+# bcrypt checks running at once. Each holds a thread of the loop's default executor (which
+# aiohttp's resolver shares) and a core for tens to hundreds of milliseconds; on a 2-core node,
+# two at a time leave the event loop and the resolver their share.
+BCRYPT_SLOTS = 2
+# Checks that may fail: a token bucket of FAILURE_BURST, refilled at FAILURE_RATE a second. Each
+# check of a credential not remembered takes a token and a success gives it back, so a flood of
+# wrong passwords costs at most FAILURE_BURST bcrypt checks at once and FAILURE_RATE a second
+# after that; an attempt finding the bucket empty is answered 401 without bcrypt.
+FAILURE_BURST = 10
+FAILURE_RATE = 1.0
+# How often the throttling is logged while it goes on.
+THROTTLE_LOG_INTERVAL = 60.0
+_BCRYPT_COST = re.compile(rb"^\$2[aby]\$(\d\d)\$")
 
 
 class WebConfigError(ValueError):
@@ -178,24 +198,79 @@ def load_web_config(path: str) -> WebConfig:
     return parse_web_config(text, file.parent)
 
 
+class FailureBudget:
+    """A token bucket: how many bcrypt checks may still fail before the next is refused unchecked.
+
+    Reserving before the check, rather than counting failures after it, is what bounds a flood:
+    200 wrong passwords arriving at once find FAILURE_BURST tokens, not 200.
+    """
+
+    def __init__(self, burst: int, per_second: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst = burst
+        self.per_second = per_second
+        self._clock = clock
+        self._tokens = float(burst)
+        self._at = clock()
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.per_second)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+    def refund(self) -> None:
+        """The check passed: it was no failure."""
+        self._tokens = min(float(self.burst), self._tokens + 1.0)
+
+
 class BasicAuth:
     """Checks `Authorization: Basic` against the bcrypt hashes.
 
     bcrypt is slow on purpose (tens to hundreds of milliseconds), so checks run off the event loop,
-    and a credential that passed is remembered (by a keyed digest, never the password itself) so a
-    scraper pays it once, not every scrape. An unknown user costs a bcrypt check too, so timing does
-    not tell which user names exist.
+    and a credential that passed is remembered (by a digest keyed with a random per-process key,
+    never the password itself) so a scraper pays it once, not every scrape. An unknown user costs a
+    bcrypt check too, at the cost of the costliest configured hash, so timing does not tell which
+    user names exist.
+
+    A flood of wrong passwords must not take the node's CPU or the default executor's threads
+    (aiohttp resolves names there): at most `slots` checks run at once, and a check of a credential
+    not remembered needs a token of the FailureBudget; without one it fails at once, unchecked.
+    So during a flood, scrapers whose credentials are remembered pass as fast as ever; one whose
+    credentials are not (the proxy restarted, or the password changed) gets 401 until the flood
+    eases, like every other guess. The answer to a throttled attempt is the 401 of a wrong
+    password: a guesser cannot tell which of its guesses were checked.
     """
 
-    def __init__(self, users: Mapping[str, bytes], remember: int = 64) -> None:
+    def __init__(
+        self,
+        users: Mapping[str, bytes],
+        remember: int = 64,
+        *,
+        checkpw: Callable[[bytes, bytes], bool] | None = None,
+        slots: int = BCRYPT_SLOTS,
+        failure_burst: int = FAILURE_BURST,
+        failure_rate: float = FAILURE_RATE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         import bcrypt
 
         self._bcrypt = bcrypt
+        self._checkpw = checkpw  # None: bcrypt.checkpw, looked up at each call
         self._users = dict(users)
         self._passed: OrderedDict[bytes, None] = OrderedDict()
         self._remember = remember
-        self._key = hashlib.sha256(repr(sorted(self._users.items())).encode()).digest()
-        self._dummy = bcrypt.hashpw(b"not a password", bcrypt.gensalt(rounds=10))
+        # Random, so the remembered digests say nothing outside this process (a key derived from
+        # the hashes could be recomputed by anyone who has read the web config file).
+        self._key = os.urandom(32)
+        self._dummy = bcrypt.hashpw(b"not a password", bcrypt.gensalt(rounds=_dummy_cost(self._users)))
+        self._slots = asyncio.Semaphore(slots)
+        self._budget = FailureBudget(failure_burst, failure_rate, clock)
+        self._clock = clock
+        self._throttled = 0  # attempts refused unchecked since the last warning
+        self._warned_at: float | None = None
 
     async def check(self, header: str | None) -> bool:
         credentials = _parse_basic(header)
@@ -206,16 +281,49 @@ class BasicAuth:
         if token in self._passed:
             self._passed.move_to_end(token)
             return True
+        if not self._budget.take():
+            self._note_throttled()
+            return False
         hashed = self._users.get(user)
-        ok = await asyncio.get_running_loop().run_in_executor(
-            None, self._bcrypt.checkpw, password.encode(), hashed if hashed is not None else self._dummy
-        )
+        checkpw = self._checkpw or self._bcrypt.checkpw
+        async with self._slots:
+            ok = await asyncio.get_running_loop().run_in_executor(
+                None, checkpw, password.encode(), hashed if hashed is not None else self._dummy
+            )
         if ok and hashed is not None:
+            self._budget.refund()
             self._passed[token] = None
             if len(self._passed) > self._remember:
                 self._passed.popitem(last=False)
             return True
         return False
+
+    def _note_throttled(self) -> None:
+        """One warning when throttling starts, then one per THROTTLE_LOG_INTERVAL while it goes on:
+        a flood must not fill the log either."""
+        self._throttled += 1
+        now = self._clock()
+        if self._warned_at is not None and now - self._warned_at < THROTTLE_LOG_INTERVAL:
+            return
+        log.warning(
+            "basic auth: too many failed logins; credentials not already accepted get 401 unchecked",
+            extra={
+                "fields": {
+                    "refused_unchecked": self._throttled,
+                    "failure_burst": self._budget.burst,
+                    "failures_per_second": self._budget.per_second,
+                }
+            },
+        )
+        self._warned_at = now
+        self._throttled = 0
+
+
+def _dummy_cost(users: Mapping[str, bytes]) -> int:
+    """The cost of the costliest configured hash (10 if none is readable), for the unknown user's
+    check: a cheaper dummy would answer unknown names measurably faster."""
+    costs = [int(m.group(1)) for hashed in users.values() if (m := _BCRYPT_COST.match(hashed))]
+    return max(4, min(31, max(costs, default=10)))
 
 
 def _parse_basic(header: str | None) -> tuple[str, str] | None:

@@ -12,13 +12,14 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from aiohttp import web
 
+from proxy import runtime
 from proxy.app import TELEMETRY_KEY
 from proxy.fake_exporter import FakeExporter, Fault, bound_port, huge_length, run_fake_exporter
 from proxy.server import RunningProxy, start_proxy
@@ -308,21 +309,24 @@ async def test_slowloris_is_closed_after_the_header_timeout(caplog: pytest.LogCa
     caplog.set_level(logging.INFO)
     fake = FakeExporter()
     async with serving(fake, header_timeout=0.5) as served:
+        started = time.monotonic()  # before the connection exists: the proxy's clock starts later
         reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
         closing = asyncio.create_task(closed_within(reader, 3.0))
         trickle = b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(100))
-        started = time.monotonic()
+        sent = 0
         with contextlib.suppress(ConnectionError):
             for byte in trickle:  # a byte every 20 ms: ~14 s for the whole head, were it let through
                 if closing.done():
                     break
                 writer.write(bytes([byte]))
                 await writer.drain()
+                sent += 1
                 await asyncio.sleep(0.02)
         elapsed = await closing
         writer.close()
         assert elapsed is not None, "the trickled head was never cut off"
-        assert 0.45 <= time.monotonic() - started < 1.5
+        assert time.monotonic() - started >= 0.45  # not before the header timeout
+        assert sent < len(trickle) // 2  # cut off mid-head, long before the head could have ended
 
         # A connection that sends nothing at all is closed the same way.
         idle_reader, idle_writer = await asyncio.open_connection(LOOPBACK, served.port)
@@ -347,37 +351,263 @@ async def test_slowloris_is_closed_after_the_header_timeout(caplog: pytest.LogCa
 
 # --- the connection cap -------------------------------------------------------------------------------
 
+GET_METRICS = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+GET_HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+GATED_BODY = b"windows_cs_logical_processors 8\n"
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
-async def test_connections_past_the_cap_get_503_and_are_closed() -> None:
-    fake = FakeExporter()
-    async with serving(fake, max_connections=3) as served:
-        open_ = [await asyncio.open_connection(LOOPBACK, served.port) for _ in range(3)]
-        for _ in range(100):
-            if served.metric("windows_metrics_proxy_open_connections") == 3:
-                break
-            await asyncio.sleep(0.01)
-        assert served.metric("windows_metrics_proxy_open_connections") == 3
-        refused = await exchange(served.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", limit=3)
-        assert refused.startswith(b"HTTP/1.1 503 ")
-        assert refused.endswith(b"\r\n\r\ntoo many connections, retry\n")
-        assert b"\r\nConnection: close\r\n" in refused
-        assert served.metric("windows_metrics_proxy_refused_connections_total", reason="limit") == 1
-        for reader, writer in open_:  # the first three are served, and kept alive
-            for _ in range(2):
-                writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-                assert await read_response(reader) == (200, CAPTURE)
-        assert fake.scrapes == 6
-        reader, writer = open_.pop()
+
+async def until(condition: Callable[[], bool], limit: float = 5.0) -> None:
+    """Poll `condition` every 10 ms until it holds; fail after `limit` seconds."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not hold in time"
+        await asyncio.sleep(0.01)
+
+
+def refused(served: Served, reason: str) -> float:
+    """A refused_connections_total sample, 0 when the reason was never used (the old listener
+    knew no `idle_evicted`)."""
+    registry = served.proxy.runner.app[TELEMETRY_KEY].registry
+    return (
+        registry.get_sample_value("windows_metrics_proxy_refused_connections_total", {"reason": reason}) or 0
+    )
+
+
+async def exchange_in_two(port: int, data: bytes, limit: float = 5.0) -> bytes:
+    """Like exchange, but the request is written in two pieces 20 ms apart, as a client that
+    writes its request line and its headers separately may."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    try:
+        half = len(data) // 2
+        writer.write(data[:half])
+        await writer.drain()
+        await asyncio.sleep(0.02)  # the client's own pause, not a wait for the proxy
+        writer.write(data[half:])
+        await writer.drain()
+        chunks: list[bytes] = []
+        async with asyncio.timeout(limit):
+            while chunk := await reader.read(65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
         writer.close()
-        for _ in range(100):
-            if served.metric("windows_metrics_proxy_open_connections") == 2:
-                break
-            await asyncio.sleep(0.01)
-        answer = await exchange(served.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + CLOSE)
-        assert status_of(answer) == 200  # a slot came free
-        for _, writer in open_:
-            writer.close()
-        assert served.metric("windows_metrics_proxy_refused_connections_total", reason="limit") == 1
+
+
+def open_now(served: Served) -> float:
+    return served.metric("windows_metrics_proxy_open_connections")
+
+
+def between_requests(served: Served) -> int:
+    """How many served connections are idle between keep-alive requests, as the cap judges it
+    (aiohttp parks a connection a turn or two of the loop after its answer went out)."""
+    guard = served.proxy.guard
+    assert guard is not None
+    return sum(protocol.awaiting_request() for protocol in guard.connections if protocol not in guard.fresh)
+
+
+@contextlib.asynccontextmanager
+async def gated_exporter() -> AsyncIterator[tuple[RawServer, asyncio.Event]]:
+    """An exporter that holds every request until the gate opens (within 10 s), so the proxy's
+    connections stay busy with a request for as long as a test needs."""
+    gate = asyncio.Event()
+
+    async def answer(head: bytes, writer: asyncio.StreamWriter) -> None:
+        async with asyncio.timeout(10):
+            await gate.wait()
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(GATED_BODY)
+            + GATED_BODY
+        )
+        await writer.drain()
+
+    async with raw_server(answer) as exporter:
+        try:
+            yield exporter, gate
+        finally:
+            gate.set()
+
+
+async def test_past_the_cap_with_every_connection_busy_a_new_client_reads_the_503() -> None:
+    """The refusal must arrive: the proxy reads the request head, answers, shuts its sending side
+    and only then closes. Closing at once (the old listener) left the client's request unread, and
+    the kernel's reset then destroyed the 503 before the client read it."""
+    async with (
+        gated_exporter() as (exporter, gate),
+        serving(port=exporter.port, max_connections=3, coalesce=False, header_timeout=1) as served,
+    ):
+        busy = [await asyncio.open_connection(LOOPBACK, served.port) for _ in range(3)]
+        try:
+            for _, writer in busy:
+                writer.write(GET_METRICS)
+            await until(lambda: len(exporter.requests) == 3)
+            answers = [await exchange(served.port, GET_METRICS, limit=3) for _ in range(10)]
+            # A head in two writes: the old listener had closed before the second, and the reset
+            # that answered it reached the client before it read the 503.
+            answers += [await exchange_in_two(served.port, GET_METRICS, limit=3) for _ in range(10)]
+            for answer in answers:
+                assert answer.startswith(b"HTTP/1.1 503 "), answers
+                assert answer.endswith(b"\r\n\r\ntoo many connections, retry\n"), answers
+                assert b"\r\nConnection: close\r\n" in answer
+            # A client that sends no head is answered too, once the header timeout has passed.
+            started = time.monotonic()
+            silent = await exchange(served.port, b"", limit=3)
+            assert status_of(silent) == 503
+            assert 0.9 <= time.monotonic() - started < 2.5
+            assert refused(served, "limit") == 21
+            assert refused(served, "idle_evicted") == 0
+
+            # The busy three were never touched, and are served; then, idle between requests,
+            # they make room for a new client instead of refusing it.
+            gate.set()
+            for reader, _ in busy:
+                assert await read_response(reader) == (200, GATED_BODY)
+            await until(lambda: between_requests(served) == 3)
+            answer = await exchange(served.port, b"GET /health HTTP/1.1\r\nHost: x\r\n" + CLOSE)
+            assert status_of(answer) == 200
+            assert refused(served, "idle_evicted") == 1
+            assert refused(served, "limit") == 21
+        finally:
+            for _, writer in busy:
+                writer.close()
+
+
+async def test_idle_connections_make_room_for_a_probe_at_the_cap() -> None:
+    """300 connections that send nothing, against a cap of 256: /health still answers at once
+    (the old listener refused it until the header timeout closed the idle ones, so a kubelet
+    probe failed and would have restarted the pod). A probe displaces the oldest idle one."""
+    async with serving(FakeExporter(), max_connections=256, header_timeout=30) as served:
+        idle: list[Connection] = []
+        try:
+            for _ in range(300):
+                idle.append(await asyncio.open_connection(LOOPBACK, served.port))
+            await until(
+                lambda: (
+                    open_now(served) == 256
+                    and refused(served, "idle_evicted") + refused(served, "limit") == 44
+                )
+            )
+            for probe in range(3):
+                started = time.monotonic()
+                answer = await exchange(served.port, b"GET /health HTTP/1.1\r\nHost: x\r\n" + CLOSE, limit=5)
+                elapsed = time.monotonic() - started
+                assert status_of(answer) == 200, (probe, answer[:200])
+                assert body_of(answer) == b"ok\n"
+                assert elapsed < 1.0, (probe, elapsed)
+            # The first probe displaced the oldest idle connection; the next ones found its slot
+            # free again (each probe closes its connection after the answer).
+            assert refused(served, "idle_evicted") == 45
+            assert refused(served, "limit") == 0
+            # The oldest 45 went, in the order they came; the rest are still open.
+            for reader, _ in idle[:45]:
+                assert await closed_within(reader, 2.0) is not None
+            assert not any(reader.at_eof() for reader, _ in idle[45:])
+            await until(lambda: open_now(served) == 255)
+        finally:
+            for _, writer in idle:
+                writer.close()
+
+
+async def test_the_cap_displaces_a_silent_connection_first_then_the_oldest_idle_never_a_busy_one() -> None:
+    async with (
+        gated_exporter() as (exporter, gate),
+        serving(port=exporter.port, max_connections=3, coalesce=False, header_timeout=30) as served,
+    ):
+        opened: list[Connection] = []
+
+        async def connect() -> Connection:
+            opened.append(await asyncio.open_connection(LOOPBACK, served.port))
+            return opened[-1]
+
+        try:
+            busy = await connect()
+            busy[1].write(GET_METRICS)
+            await until(lambda: len(exporter.requests) == 1)
+            between = await connect()  # served once, kept alive
+            between[1].write(GET_HEALTH)
+            assert await read_response(between[0]) == (200, b"ok\n")
+            silent = await connect()  # the newest, but it never sent a request
+            await until(lambda: open_now(served) == 3 and between_requests(served) == 1)
+
+            newer = await connect()
+            newer[1].write(GET_HEALTH)
+            assert await read_response(newer[0]) == (200, b"ok\n")
+            assert await closed_within(silent[0], 2.0) is not None
+            assert not between[0].at_eof()
+
+            newest = await connect()
+            newest[1].write(GET_HEALTH)
+            assert await read_response(newest[0]) == (200, b"ok\n")
+            assert await closed_within(between[0], 2.0) is not None  # older than `newer`
+            newer[1].write(GET_HEALTH)
+            assert await read_response(newer[0]) == (200, b"ok\n")
+            assert refused(served, "idle_evicted") == 2
+
+            gate.set()
+            assert await read_response(busy[0]) == (200, GATED_BODY)
+            assert refused(served, "limit") == 0
+        finally:
+            for _, writer in opened:
+                writer.close()
+
+
+async def test_a_stop_ends_the_refusals_under_way() -> None:
+    """Refused connections hold no slot and are not aiohttp's, so the stop closes them itself
+    (Python 3.12 and later wait in Server.wait_closed for every connection, these too)."""
+    async with (
+        gated_exporter() as (exporter, _gate),
+        serving(
+            port=exporter.port, max_connections=1, coalesce=False, header_timeout=30, shutdown_timeout=0.5
+        ) as served,
+    ):
+        busy = await asyncio.open_connection(LOOPBACK, served.port)
+        busy[1].write(GET_METRICS)
+        await until(lambda: len(exporter.requests) == 1)
+        waiting = await asyncio.open_connection(LOOPBACK, served.port)  # refused; sends nothing
+        try:
+            await until(lambda: refused(served, "limit") == 1)
+            started = time.monotonic()
+            await asyncio.wait_for(served.proxy.close(), 10)  # the second close, on exit, does nothing
+            assert time.monotonic() - started < served.proxy.shutdown_timeout + 0.5
+            assert await closed_within(waiting[0], 2.0) is not None
+        finally:
+            busy[1].close()
+            waiting[1].close()
+
+
+def test_the_503_and_the_431_are_written_on_the_production_loop() -> None:
+    """uvloop's transports (the loop on Linux) are no subclasses of asyncio's: the listener once
+    checked isinstance(transport, asyncio.WriteTransport) before writing, and so under uvloop it
+    never wrote its 503 (the client saw a bare close or a reset) nor its 431."""
+    factory, _name = runtime.loop_factory()
+    megabyte = b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"".join(
+        b"X-H%d: %s\r\n" % (i, b"v" * 8000) for i in range(120)
+    )
+
+    async def scenario() -> None:
+        async with serving(FakeExporter()) as served:
+            assert status_of(await exchange(served.port, megabyte + CLOSE, limit=5)) == 431
+        async with (
+            gated_exporter() as (exporter, gate),
+            serving(port=exporter.port, max_connections=1, coalesce=False) as served,
+        ):
+            reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
+            try:
+                writer.write(GET_METRICS)
+                await until(lambda: len(exporter.requests) == 1)
+                for answer in (
+                    await exchange(served.port, GET_METRICS, limit=3),
+                    await exchange_in_two(served.port, GET_METRICS, limit=3),
+                ):
+                    assert answer.startswith(b"HTTP/1.1 503 "), answer
+                    assert answer.endswith(b"too many connections, retry\n"), answer
+                gate.set()
+                assert await read_response(reader) == (200, GATED_BODY)
+            finally:
+                writer.close()
+
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(asyncio.wait_for(scenario(), 30))
 
 
 # --- clients that go away, or stop reading ----------------------------------------------------------------
@@ -450,25 +680,47 @@ async def test_client_gone_mid_body_cancels_the_upstream_request(
 
 
 async def test_a_client_that_stops_reading_is_cut_off_at_the_deadline() -> None:
-    fake = FakeExporter(fault=Fault.HUGE, huge_bytes=64 << 20)
+    """A scraper asks for 12 MiB and reads nothing: more than the socket buffers hold, less than
+    the 16 MiB a scraper may fall behind before it is dropped, so its deadline (scrape timeout 1 s)
+    is what cuts it off. Then a client abort is counted, the upstream request is counted once,
+    nothing is left in flight (the exporter's one scrape slot included), and the scraper sees its
+    connection end short of the body."""
+    size = 12 << 20
+    fake = FakeExporter(fault=Fault.HUGE, huge_bytes=size)
+
+    def state() -> tuple[int, float, float, float]:
+        """(the exporter's scrapes in flight, the proxy's, client aborts, upstream requests counted)"""
+        counted = sum(served.outcome(o) for o in ("success", "body_timeout", "cancelled", "body_error"))
+        aborts = served.metric("windows_metrics_proxy_client_aborts_total")
+        return fake.in_flight, served.metric("windows_metrics_proxy_scrapes_in_flight"), aborts, counted
+
     async with serving(fake, scrape_timeout=1, shutdown_timeout=0.5) as served:
+        assert state() == (0, 0, 0, 0)
+        loop = asyncio.get_running_loop()
         stuck = socket.socket()
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stuck.setblocking(False)
         try:
-            await asyncio.get_running_loop().sock_connect(stuck, (LOOPBACK, served.port))
-            await asyncio.get_running_loop().sock_sendall(stuck, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            for _ in range(100):  # the body is flowing, and then stalls in the full socket buffers
-                if fake.in_flight:
+            await loop.sock_connect(stuck, (LOOPBACK, served.port))
+            await loop.sock_sendall(stuck, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            sent = time.monotonic()
+            while time.monotonic() - sent < 5:  # polled, bounded
+                if state() == (0, 0, 1, 1):
                     break
                 await asyncio.sleep(0.01)
-            await asyncio.sleep(2.5)
-            in_flight = served.metric("windows_metrics_proxy_scrapes_in_flight")
-            ended = sum(served.outcome(o) for o in ("body_timeout", "cancelled", "body_error"))
+            cut_after = time.monotonic() - sent
+            assert state() == (0, 0, 1, 1), f"not cut off within 5 s of a 1 s deadline: {state()}"
+            assert fake.scrapes == 1
+            received = 0
+            with contextlib.suppress(ConnectionResetError):
+                async with asyncio.timeout(10):  # what the socket buffers held, then the end
+                    while chunk := await loop.sock_recv(stuck, 65536):
+                        received += len(chunk)
             fake.fault = Fault.NONE
             answer = await exchange(served.port, b"GET /metrics?x=1 HTTP/1.1\r\nHost: x\r\n" + CLOSE)
         finally:
             stuck.close()
-    assert (in_flight, ended) == (0, 1)
+    # Not before the deadline: the earliest is the exporter's, 1 s less the 0.25 s margin.
+    assert cut_after >= 0.7, cut_after
+    assert 0 < received < huge_length(size), received  # the head and some body, never all of it
     assert status_of(answer) == 200, answer[:200]
-    assert huge_length(64 << 20) > 16 << 20  # far more than the socket buffers hold

@@ -10,6 +10,8 @@ import base64
 import datetime
 import ipaddress
 import ssl
+import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from proxy.fake_exporter import FakeExporter
 from proxy.server import RunningProxy, start_proxy
 from proxy.settings import ConfigError, load_settings
-from proxy.webconfig import WebConfigError, parse_web_config
+from proxy.webconfig import (
+    BCRYPT_SLOTS,
+    FAILURE_BURST,
+    FAILURE_RATE,
+    BasicAuth,
+    WebConfigError,
+    parse_web_config,
+)
 from tests.conftest import LOOPBACK
 from tests.test_app import sample_value
 
@@ -277,6 +286,104 @@ async def test_basic_auth(tmp_path: Path, exporter: int, monkeypatch: pytest.Mon
         assert b"s3cret" not in metrics
     finally:
         await proxy.close()
+
+
+class CountingCheck:
+    """bcrypt.checkpw, counting its calls and how many ran at once (it runs in executor threads)."""
+
+    def __init__(self) -> None:
+        self._checkpw = bcrypt.checkpw  # the real one, even once this replaces it
+        self._lock = threading.Lock()
+        self.calls = 0
+        self.running = 0
+        self.peak = 0
+
+    def __call__(self, password: bytes, hashed: bytes) -> bool:
+        with self._lock:
+            self.calls += 1
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        try:
+            return self._checkpw(password, hashed)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+async def test_a_flood_of_wrong_passwords_runs_few_bcrypt_checks() -> None:
+    """200 wrong passwords at once cost FAILURE_BURST bcrypt checks, at most BCRYPT_SLOTS at a
+    time; a remembered credential passes throughout; a credential not remembered waits for the
+    budget to refill (the clock is the test's, so the counts are exact)."""
+    check = CountingCheck()
+    now = [1000.0]
+    auth = BasicAuth(
+        {"prometheus": HASH.encode(), "grafana": HASH.encode()}, checkpw=check, clock=lambda: now[0]
+    )
+    good = basic("prometheus", "s3cret")
+    assert await auth.check(good)  # remembered from now on; its token was given back
+    assert check.calls == 1
+
+    async with asyncio.timeout(30):
+        results = await asyncio.gather(
+            *(auth.check(basic("prometheus", f"guess {i}")) for i in range(100)),
+            *(auth.check(good) for _ in range(5)),
+            *(auth.check(basic(f"user{i}", "s3cret")) for i in range(100)),  # unknown users
+        )
+    assert results == [False] * 100 + [True] * 5 + [False] * 100
+    assert check.calls == 1 + FAILURE_BURST
+    assert check.peak <= BCRYPT_SLOTS
+
+    other = basic("grafana", "s3cret")
+    assert not await auth.check(other)  # right, but not remembered: refused unchecked for now
+    assert check.calls == 1 + FAILURE_BURST
+    now[0] += 1 / FAILURE_RATE
+    assert await auth.check(other)
+    assert check.calls == 2 + FAILURE_BURST
+
+
+async def test_a_flood_of_wrong_passwords_through_the_proxy(
+    tmp_path: Path, exporter: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    check = CountingCheck()
+    monkeypatch.setattr(bcrypt, "checkpw", check)
+    proxy = await proxy_with(tmp_path, exporter, f"basic_auth_users:\n  prometheus: '{HASH}'\n")
+    base = f"http://{LOOPBACK}:{proxy.port}"
+    good = {"Authorization": basic("prometheus", "s3cret")}
+    try:
+        assert (await fetch(f"{base}/metrics", headers=good))[0] == 200
+        started = time.monotonic()
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+            async def status(path: str, headers: dict[str, str]) -> tuple[int, float]:
+                sent = time.monotonic()
+                async with session.get(f"{base}{path}", headers=headers) as response:
+                    await response.read()
+                    return response.status, time.monotonic() - sent
+
+            async with asyncio.timeout(30):
+                flood = [
+                    asyncio.create_task(status("/metrics", {"Authorization": basic("prometheus", f"g{i}")}))
+                    for i in range(200)
+                ]
+                during = [await status("/metrics", good), await status("/health", {})]
+                wrong = await asyncio.gather(*flood)
+        elapsed = time.monotonic() - started
+        assert [code for code, _ in wrong] == [401] * 200
+        assert [code for code, _ in during] == [200, 200]
+        assert max(seconds for _, seconds in during) < 2.0
+        assert check.calls <= 1 + FAILURE_BURST + elapsed * FAILURE_RATE + 1
+        assert check.peak <= BCRYPT_SLOTS
+    finally:
+        await proxy.close()
+
+
+def test_the_remembered_digests_key_is_random_per_process() -> None:
+    """The key is not derived from the hashes: knowing the web config file does not let anyone
+    recompute (or test guesses against) the digests of remembered credentials."""
+    users = {"prometheus": HASH.encode()}
+    first, second = BasicAuth(users), BasicAuth(users)
+    assert len(first._key) == 32
+    assert first._key != second._key
 
 
 async def test_health_auth_when_asked(tmp_path: Path, exporter: int) -> None:
