@@ -20,11 +20,11 @@ STOPPING = "the proxy is stopping"
 
 
 class InFlight:
-    """Request handlers running now, and the pumps that finish shared bodies in the background."""
+    """Request handlers running now, and the flights' reader tasks."""
 
     def __init__(self, background: set[asyncio.Task[None]]) -> None:
         self.handlers: dict[asyncio.Task[Any], web.Request] = {}
-        # MetricsProxy's own set, shared: pumps are added and discarded there as they come and go.
+        # The flights' own set of reader tasks, shared: they come and go there.
         self.background = background
         self._idle = asyncio.Event()
         self._idle.set()
@@ -59,19 +59,19 @@ class InFlight:
         return True
 
     async def abort(self, unwind: float) -> tuple[int, int]:
-        """Abort every connection still in a handler and cancel its handler, then cancel the pumps.
+        """Cancel the flights' readers, abort every connection still in a handler and cancel the
+        handler; wait at most `unwind` seconds for all of them to finish.
 
         The TCP connection is aborted, not closed: a scraper must see a broken body, never a clean
-        short one. Handlers go first, because a leader's handler may still hand its pump off to the
-        background as it unwinds; pumps left after that serve nobody who will get the body, and
-        would otherwise hold an exporter connection until its deadline. Waits at most `unwind`
-        seconds for all of them to finish. Returns how many scrapers' and other clients'
-        connections were aborted (a handler whose client already left, e.g. a leader pumping for
-        its followers, is cancelled but aborts no connection).
+        short one. The readers are cancelled first, with this stop as the reason, in the same turn
+        of the loop as the handlers, so each upstream request is counted as cancelled by the stop
+        and not by its scrapers leaving. Returns how many scrapers' and other clients'
+        connections were aborted.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + unwind
-        tasks = list(self.handlers)
+        readers = list(self.background)
+        for task in readers:
+            task.cancel(STOPPING)
+        handlers = list(self.handlers)
         scrapes = others = 0
         for task, request in list(self.handlers.items()):
             transport = request.transport
@@ -82,11 +82,6 @@ class InFlight:
                 else:
                     others += 1
             task.cancel(STOPPING)
-        if tasks:
-            await asyncio.wait(tasks, timeout=unwind)
-        pumps = list(self.background)
-        for task in pumps:
-            task.cancel(STOPPING)
-        if pumps:
-            await asyncio.wait(pumps, timeout=max(deadline - loop.time(), 0.001))
+        if readers or handlers:
+            await asyncio.wait([*readers, *handlers], timeout=unwind)
         return scrapes, others

@@ -21,7 +21,7 @@ log = logging.getLogger("proxy.server")
 
 
 # After the budget, the rest of a stop fits in runtime.STOP_ALLOWANCE (0.5 s): aborted handlers
-# and background pumps get UNWIND_TIMEOUT to run their except and finally blocks, and aiohttp's
+# and flight readers get UNWIND_TIMEOUT to run their except and finally blocks, and aiohttp's
 # own shutdown, which by then should find nothing in flight, waits at most twice
 # STRAGGLER_TIMEOUT for anything that slipped past (aiohttp's own 400 answers to unparsable
 # requests never reach the app). What is left is closing the exporter pool.
@@ -35,6 +35,7 @@ class RunningProxy:
     server: asyncio.AbstractServer
     port: int
     shutdown_timeout: float
+    guard: ConnectionGuard | None = None  # the listener's cap: refusals under way end with the stop
     _closed: bool = field(default=False, init=False)
 
     async def close(self) -> None:
@@ -43,7 +44,7 @@ class RunningProxy:
         Stop accepting; close idle keep-alive connections at once; let the requests in flight
         finish until the budget is spent; then abort the connections of those still running (a
         scraper must see a broken body, never a clean short one) and cancel their handlers and
-        background pumps. aiohttp's cleanup and the pool's close then find nothing to wait for.
+        flights' readers. aiohttp's cleanup and the pool's close then find nothing to wait for.
         A second call does nothing.
         """
         if self._closed:
@@ -52,6 +53,8 @@ class RunningProxy:
         app = self.runner.app
         in_flight = app[IN_FLIGHT_KEY]
         self.server.close()
+        if self.guard is not None:
+            self.guard.close()  # Python 3.12+ waits for every connection in wait_closed, these too
         web_server = self.runner.server
         if web_server is not None:
             # No connection reads another request; one that is busy closes after its answer.
@@ -79,7 +82,7 @@ class RunningProxy:
                 },
             )
         else:
-            await in_flight.abort(UNWIND_TIMEOUT)  # pumps left behind serve nobody now
+            await in_flight.abort(UNWIND_TIMEOUT)  # readers left behind serve nobody now
         await self.runner.cleanup()
         await self.server.wait_closed()
 
@@ -141,4 +144,4 @@ async def start_proxy(settings: Settings, *, loop_name: str = "asyncio") -> Runn
             }
         },
     )
-    return RunningProxy(runner, server, port, settings.shutdown_timeout)
+    return RunningProxy(runner, server, port, settings.shutdown_timeout, guard)

@@ -45,6 +45,8 @@ FD_SLACK = 10
 TASK_SLACK = 5
 RSS_SLACK = 15 << 20
 MAX_POOLED = 8  # upstream connections: at most one per concurrent upstream request
+QUIESCE_SECONDS = 15.0  # for a phase's last scrapes to finish and what they held to be released
+SETTLED = 5  # identical readings in a row, 10 ms apart, that count as nothing changing any more
 
 # (query, request headers): the scrape variants, each a different coalescing key.
 VARIANTS: list[tuple[str, dict[str, str]]] = [
@@ -154,22 +156,33 @@ async def scrape(
 
 
 async def quiesce(proxies: list[Soaked], fake: FakeExporter) -> None:
-    """Let every scrape, flight and connection of the previous phase finish (bounded)."""
+    """Wait until every scrape, flight and connection of the previous phase has finished, then
+    until what `measure` counts stops changing (closed sockets' descriptors released, finished
+    tasks gone): SETTLED identical readings in a row. Bounded by QUIESCE_SECONDS; failing loudly."""
     fake.fault = Fault.NONE
-    for _ in range(500):
+    deadline = time.monotonic() + QUIESCE_SECONDS
+    while True:
         busy = fake.in_flight or any(
             p.metric("windows_metrics_proxy_scrapes_in_flight")
             or p.metric("windows_metrics_proxy_open_connections")
             or p.handler.flights
-            or p.handler._background
+            or p.handler.readers
             or p.pool()[1]
             for p in proxies
         )
         if not busy:
             break
+        assert time.monotonic() < deadline, "the previous phase's scrapes did not all finish"
         await asyncio.sleep(0.01)
-    await asyncio.sleep(0.05)
-    gc.collect()
+    last: dict[str, int] = {}
+    steady = 0
+    while steady < SETTLED:
+        gc.collect()
+        reading = {k: v for k, v in measure(proxies).items() if k != "rss"}
+        steady = steady + 1 if reading == last else 0
+        assert time.monotonic() < deadline, f"still changing after {QUIESCE_SECONDS}s: {last} -> {reading}"
+        last = reading
+        await asyncio.sleep(0.01)
 
 
 def outcomes(proxy: Soaked) -> dict[str, float]:
@@ -194,7 +207,7 @@ def measure(proxies: list[Soaked]) -> dict[str, int]:
         "acquired": sum(acquired for _, acquired in pooled),
         "in_flight": int(sum(p.metric("windows_metrics_proxy_scrapes_in_flight") for p in proxies)),
         "open": int(sum(p.metric("windows_metrics_proxy_open_connections") for p in proxies)),
-        "flights": sum(len(p.handler.flights) + len(p.handler._background) for p in proxies),
+        "flights": sum(len(p.handler.flights) + len(p.handler.readers) for p in proxies),
     }
 
 

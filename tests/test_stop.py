@@ -178,7 +178,7 @@ async def test_the_budget_aborts_a_shared_scrape_and_cancels_its_pumps(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A leader whose scraper left still pumps for its follower: at the budget, both stop."""
-    caplog.set_level(logging.DEBUG, logger="proxy.app")  # the upstream outcome's reason
+    caplog.set_level(logging.DEBUG, logger="proxy.scrape")  # the upstream outcome's reason
     budget = 0.5
 
     async def stall(_head: bytes, writer: asyncio.StreamWriter) -> None:
