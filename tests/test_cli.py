@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from proxy.fake_exporter import FakeExporter, Fault, bound_port, run_fake_exporter
+from proxy.fake_exporter import PAUSES, FakeExporter, Fault, bound_port, run_fake_exporter
 from tests.conftest import LOOPBACK
 from tests.test_app import free_port
 
@@ -117,7 +117,9 @@ async def wait_listening(port: int, limit: float = 10.0) -> None:
 
 
 async def test_sigterm_lets_an_in_flight_scrape_finish(processes: list[subprocess.Popen[str]]) -> None:
-    fake = FakeExporter(fault=Fault.LATENCY, latency=0.8)
+    """SIGTERM arrives while the exporter holds the scrape; the exporter answers only once the proxy
+    has logged that it is stopping, and the scraper still gets the whole body."""
+    fake = FakeExporter(fault=Fault.HANG)  # held until this test releases it
     runner = await run_fake_exporter(fake, LOOPBACK, 0)
     try:
         port = free_port()
@@ -128,15 +130,35 @@ async def test_sigterm_lets_an_in_flight_scrape_finish(processes: list[subproces
         )  # fmt: skip
         processes.append(proxy)
         await wait_listening(port)
+        assert proxy.stderr is not None
         async with aiohttp.ClientSession() as session:
             scrape = asyncio.ensure_future(session.get(f"http://{LOOPBACK}:{port}/metrics"))
-            await asyncio.sleep(0.3)  # the scrape is waiting on the exporter
+            for _ in range(1000):  # bounded: until the scrape is waiting on the exporter
+                if fake.in_flight or scrape.done():
+                    break
+                await asyncio.sleep(0.01)
+            assert fake.in_flight == 1
             proxy.send_signal(signal.SIGTERM)
-            response = await scrape
-            body = await response.read()
+            logged: list[str] = []
+            for _ in range(100):  # bounded: until the proxy logs that it took the signal
+                line = await asyncio.wait_for(asyncio.to_thread(proxy.stderr.readline), timeout=10)
+                assert line, f"the proxy exited without logging that it is stopping: {logged}"
+                logged.append(line)
+                if '"msg": "stopping"' in line:
+                    break
+            else:
+                raise AssertionError(f"the proxy never logged that it is stopping: {logged}")
+            assert fake.in_flight == 1  # the scrape is still in flight
+            assert not scrape.done()
+            for pause in list(runner.app[PAUSES]):  # now let the exporter answer
+                if not pause.done():
+                    pause.set_result(False)
+            response = await asyncio.wait_for(scrape, timeout=10)
+            body = await asyncio.wait_for(response.read(), timeout=10)
         assert response.status == 200
         assert len(body) == 265_813
-        _, stderr = await asyncio.to_thread(proxy.communicate, timeout=10)
+        _, rest = await asyncio.to_thread(proxy.communicate, timeout=10)
+        stderr = "".join(logged) + rest
         assert proxy.returncode == 0, stderr
         assert '"signal": "SIGTERM"' in stderr
         assert '"msg": "stopped"' in stderr

@@ -536,41 +536,102 @@ async def test_body_far_larger_than_memory_stays_streamed(
     await case.assert_next_scrape_is_normal()
 
 
+async def eventually(condition: Callable[[], Awaitable[bool]], what: str, limit: float = 20.0) -> None:
+    """Poll `condition` every 10 ms until it holds; fail after `limit` seconds."""
+    deadline = time.monotonic() + limit
+    while not await condition():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not within {limit}s: {what}")
+        await asyncio.sleep(0.01)
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
-async def test_slow_follower_does_not_make_the_proxy_hold_the_body(
-    proxy_for: ProxyFor, exporter: Exporter
-) -> None:
+async def test_slow_follower_does_not_make_the_proxy_hold_the_body(make_proxy: ProxyFactory) -> None:
+    """Two scrapes share one 128 MiB answer; one reads it all, the other reads nothing until the
+    first is done. The proxy must not keep the body for the idle one: a scraper that falls more
+    than max(8 x PROXY_COALESCE_BUFFER_BYTES, 16 MiB) behind is cut off (a broken body, counted in
+    client_aborts_total), the other gets every byte, and memory stays flat.
+
+    The exporter is scripted so that nothing is left to timing: it sends the head at once and the
+    body only once both scrapes are in the flight (a scrape arriving after the first 2 MiB went by
+    would go upstream on its own), and the idle scrape then falls 128 MiB minus what the socket
+    buffers hold behind, far past the limit.
+    """
     size = 128 << 20
-    case = await proxy_for("coalesced")
-    await case.scrape()
-    exporter.fake.fault = Fault.HUGE
-    exporter.fake.framing = Framing.GO
-    exporter.fake.huge_bytes = size
-    gc.collect()
-    baseline = rss()
-    leader_done = asyncio.Event()
+    length = huge_length(size)
+    both_joined = asyncio.Event()
 
-    async def leader() -> int:
-        response = await case.client.get("/metrics", headers=LONG)
-        received = 0
-        async for chunk in response.content.iter_any():  # counted, not kept: this test's own memory
-            received += len(chunk)
-        leader_done.set()
-        return received
+    async def script(head: bytes, writer: asyncio.StreamWriter) -> None:
+        text = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: %d\r\n\r\n"
+        if len(upstream.requests) == 1:  # the warm-up
+            writer.write(text % len(CAPTURE) + CAPTURE)
+            await writer.drain()
+            return
+        writer.write(text % length)
+        await writer.drain()
+        await asyncio.wait_for(both_joined.wait(), 60)
+        for block in huge_blocks(size):
+            writer.write(block)
+            await writer.drain()
 
-    async def follower() -> tuple[int, Exception | None]:
-        response = await case.client.get("/metrics", headers=LONG)
-        await asyncio.wait_for(leader_done.wait(), 20)  # reads nothing until the leader is done
-        received = 0
-        try:
-            async for chunk in response.content.iter_any():
+    async with raw_server(script) as upstream:
+        client = await make_proxy(port=upstream.port)  # coalescing, with the default 2 MiB buffer
+
+        async def metric(name: str) -> float:
+            return sample_value(await (await client.get("/proxy/metrics")).text(), name)
+
+        async def coalesced() -> bool:
+            return await metric("windows_metrics_proxy_coalesced_scrapes_total") == 1
+
+        async def exporter_asked() -> bool:
+            return len(upstream.requests) == 2
+
+        warm_up = await client.get("/metrics", headers=LONG)  # pools and buffers as a scrape leaves them
+        assert (warm_up.status, await warm_up.read()) == (200, CAPTURE)
+        aborts = await metric("windows_metrics_proxy_client_aborts_total")
+        gc.collect()
+        baseline = rss()
+        leader_done = asyncio.Event()
+
+        async def leader() -> int:
+            response = await client.get("/metrics", headers=LONG)
+            assert response.status == 200
+            received = 0
+            async for chunk in response.content.iter_any():  # counted, not kept: this test's own memory
                 received += len(chunk)
-        except aiohttp.ClientPayloadError as exc:  # cutting a slow follower off is honest too
-            return received, exc
-        return received, None
+            leader_done.set()
+            return received
 
-    async with PeakRss() as memory:
-        led, (followed, error) = await asyncio.gather(leader(), follower())
-    assert led == huge_length(size)
-    assert followed == huge_length(size) or error is not None  # never a short body that looks whole
+        async def follower() -> tuple[int, Exception | None]:
+            response = await client.get("/metrics", headers=LONG)
+            assert response.status == 200
+            await asyncio.wait_for(leader_done.wait(), 60)  # reads nothing until the leader is done
+            received = 0
+            try:
+                async for chunk in response.content.iter_any():
+                    received += len(chunk)
+            except aiohttp.ClientPayloadError as exc:
+                return received, exc
+            return received, None
+
+        async with PeakRss() as memory:
+            leading = asyncio.create_task(leader())
+            following: asyncio.Task[tuple[int, Exception | None]] | None = None
+            try:
+                await eventually(exporter_asked, "the first scrape asked the exporter")
+                following = asyncio.create_task(follower())
+                await eventually(coalesced, "the second scrape joined the first one's flight")
+                both_joined.set()
+                led, (followed, error) = await asyncio.wait_for(asyncio.gather(leading, following), 120)
+            finally:
+                for task in (leading, following):
+                    if task is not None and not task.done():
+                        task.cancel()
+        assert len(upstream.requests) == 2  # the warm-up, and one request shared by both scrapes
+        assert await metric("windows_metrics_proxy_client_aborts_total") == aborts + 1  # the follower
+    assert led == length
+    # Cut off, visibly (never a short body that looks whole), and far short of the body: what it
+    # got is at most the allowed backlog plus what the socket buffers held, not the 128 MiB.
+    assert isinstance(error, aiohttp.ClientPayloadError), (followed, error)
+    assert followed < length // 2, followed
     assert memory.peak - baseline < RSS_GROWTH_LIMIT, f"RSS grew {(memory.peak - baseline) >> 20} MiB"

@@ -358,11 +358,20 @@ def test_parsable_requests_are_answered_and_never_500(served: tuple[ServingThrea
     @given(request=fair_requests())
     def one(request: tuple[bytes, str, str]) -> None:
         data, method, path = request
+        refused_before = problems.bad_requests
         answer, closed = exchange(thread.port, data)
         codes = check(data, answer, closed, problems, seen)
+        # aiohttp logs a head it cannot parse before it answers it, so by the time the connection
+        # is closed the record of this exchange (and only of this one) has been counted.
+        refused = problems.bad_requests - refused_before
         pipelined = data.startswith(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        if codes and codes[0] == 400 and problems.bad_requests:
-            return  # a header the parser refuses (e.g. an invalid Content-Length): a 400, fine
+        if refused:
+            # The parser refused this head (e.g. an invalid Content-Length): one 400, and nothing
+            # after it. A pipelined /health in the same read is lost with it, or answered first.
+            assert refused == 1, (refused, data[:300], answer[:300])
+            assert codes[-1:] == [400], (data[:300], answer[:300])
+            assert len(codes) <= 1 + pipelined, (data[:300], answer[:300])
+            return
         assert len(codes) == 1 + pipelined, (data[:300], answer[:300])
         if method in ("GET", "HEAD") and path == "/metrics":
             # served by the exporter (400: unknown collector), or a deadline too short (504), or
