@@ -12,7 +12,6 @@ from aiohttp.abc import AbstractResolver
 from aiohttp.typedefs import Handler
 
 from proxy.inflight import InFlight
-from proxy.rules import build_rule_set
 from proxy.scrape import SERVER_HEADER, MetricsProxy, text_response
 from proxy.settings import Settings
 from proxy.telemetry import Telemetry
@@ -79,7 +78,11 @@ def create_app(
     """The proxy as an aiohttp app; the upstream pool opens on startup and closes on cleanup."""
     telemetry = telemetry or Telemetry()
     upstream = Upstream(settings, resolver=resolver)
-    rules = build_rule_set(settings)
+    rules = None
+    if settings.has_rules:  # the relabel modules load only when rules are configured
+        from proxy.rules import build_rule_set
+
+        rules = build_rule_set(settings)
     if rules is not None:
         telemetry.watch_relabel_cache(rules.cache)
     proxy = MetricsProxy(settings, upstream, telemetry, rules)

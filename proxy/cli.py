@@ -160,7 +160,8 @@ def _cmd_relabel(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; `command` is the subcommand about to run, so only its own modules load."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Expose a Windows node's windows_exporter to Prometheus from a plain pod.",
@@ -172,12 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_flags(serve_parser)
     serve_parser.set_defaults(func=_cmd_serve)
 
-    from proxy import fake_exporter
-
     fake = commands.add_parser(
         "fake-exporter", help="serve a realistic fake windows_exporter for development"
     )
-    fake_exporter.add_arguments(fake)
+    if command == "fake-exporter":  # its module (and the capture) load only for its own command
+        from proxy import fake_exporter
+
+        fake_exporter.add_arguments(fake)
     fake.set_defaults(func=_cmd_fake_exporter)
 
     demo_parser = commands.add_parser(
@@ -222,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(argv[0] if argv else None)
     known = {"serve", "fake-exporter", "demo", "check-config", "relabel", "-h", "--help", "--version"}
     if not argv or argv[0] not in known:
         argv.insert(0, "serve")  # the container runs `python -m proxy` with settings in env

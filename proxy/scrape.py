@@ -17,6 +17,7 @@ import logging
 import time
 import zlib
 from collections.abc import Hashable
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -24,7 +25,6 @@ from aiohttp import web
 from proxy import __version__
 from proxy.coalesce import NOBODY_LEFT, Cursor, CursorDropped, Flight, FlightFailed, Flights, Head, Refusal
 from proxy.exposition import is_openmetrics
-from proxy.rewrite import BodyRewrite, BrokenBody, RuleSet
 from proxy.settings import Settings
 from proxy.telemetry import Telemetry
 from proxy.upstream import (
@@ -35,6 +35,9 @@ from proxy.upstream import (
     forwarded_headers,
     response_headers,
 )
+
+if TYPE_CHECKING:
+    from proxy.rewrite import BodyRewrite, RuleSet
 
 log = logging.getLogger("proxy.scrape")
 
@@ -117,6 +120,13 @@ class MetricsProxy:
         self.telemetry = telemetry
         self.rules = rules
         self.flights = Flights(settings.coalesce_buffer_bytes)
+        # What can break a body. The rewriter's own errors only exist when rules are set: its
+        # modules (2.8 MB) are loaded only then.
+        self._body_errors: tuple[type[BaseException], ...] = (aiohttp.ClientError, OSError, TimeoutError)
+        if rules is not None:
+            from proxy.rewrite import BrokenBody
+
+            self._body_errors = (*self._body_errors, BrokenBody)
 
     @property
     def readers(self) -> set[asyncio.Task[None]]:
@@ -247,6 +257,8 @@ class MetricsProxy:
             if rewriting:
                 response_head = [(k, v) for k, v in response_head if k.lower() not in _ENCODING_HEADERS]
                 if method == "GET":  # a HEAD answer has headers only, describing a GET's
+                    from proxy.rewrite import BodyRewrite
+
                     transform = BodyRewrite(
                         self.rules,  # type: ignore[arg-type]
                         openmetrics=is_openmetrics(upstream.headers.get("Content-Type")),
@@ -279,7 +291,7 @@ class MetricsProxy:
                 if tail:
                     publish(tail)
             whole = True
-        except (aiohttp.ClientError, OSError, TimeoutError, BrokenBody) as exc:
+        except self._body_errors as exc:
             outcome, reason = body_failure(exc, deadline)
             self._count(outcome, reason, log_level=logging.WARNING)
             raise FlightFailed(reason) from exc

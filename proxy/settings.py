@@ -221,6 +221,11 @@ class Settings(BaseSettings):
     def upstream_url(self) -> str:
         return f"{self.upstream_scheme}://{self.upstream_authority}{self.upstream_path}"
 
+    @property
+    def has_rules(self) -> bool:
+        """Whether any relabel rule is configured (the rewriter and its modules are needed)."""
+        return bool(self.relabel_config or self.keep or self.drop)
+
     def require_upstream(self) -> None:
         """Serving needs an upstream; the subcommands that don't (fake-exporter) skip this."""
         if not self.hostip:

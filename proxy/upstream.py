@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,7 +22,6 @@ from aiohttp.abc import AbstractResolver
 
 from proxy import __version__
 from proxy.exposition import without_protobuf
-from proxy.rewrite import LineTooLong, NamelessSeries
 from proxy.settings import ConfigError, Settings
 
 log = logging.getLogger("proxy.upstream")
@@ -314,9 +314,13 @@ def body_failure(exc: BaseException, deadline: float) -> tuple[str, str]:
     """Outcome and reason for a body that broke off after the headers went out."""
     if isinstance(exc, asyncio.TimeoutError):
         return "body_timeout", f"body not complete within {deadline:g}s"
-    if isinstance(exc, NamelessSeries):
+    # The rewriter's errors; without rules its module is never loaded, and nothing raised them.
+    rewrite = sys.modules.get("proxy.rewrite")
+    if rewrite is None:
+        return "body_error", f"body broke off: {describe(exc)}"
+    if isinstance(exc, rewrite.NamelessSeries):
         return "relabel_error", f"{exc}: Prometheus fails such a scrape, so the proxy breaks it too"
-    if isinstance(exc, LineTooLong):
+    if isinstance(exc, rewrite.LineTooLong):
         # Not body_error: nothing broke off, and the same exporter output fails every scrape
         # until it changes, which an operator should be able to tell from a flaky network.
         return "line_too_long", f"the exporter sent {exc}, more than the relabel rewriter holds"

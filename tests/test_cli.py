@@ -206,3 +206,25 @@ async def test_fake_exporter_command(processes: list[subprocess.Popen[str]]) -> 
     fake.send_signal(signal.SIGTERM)
     await asyncio.to_thread(fake.communicate, timeout=10)
     assert fake.returncode == 0
+
+
+def test_a_passthrough_proxy_loads_neither_the_fake_exporter_nor_the_relabel_modules() -> None:
+    """Memory: the fake exporter is for its own command, the rewriter (2.8 MB) for rules."""
+    probe = (
+        "import sys\n"
+        "from proxy.cli import build_parser\n"
+        "from proxy.app import create_app\n"
+        "from proxy.settings import load_settings\n"
+        "build_parser('serve')\n"
+        "create_app(load_settings(hostip='127.0.0.1'))\n"
+        "heavy = ('proxy.fake_exporter', 'proxy.rewrite', 'proxy.relabel', 'proxy.rules', 're2', 'yaml')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+        "create_app(load_settings(hostip='127.0.0.1', keep='windows_cpu_.*'))\n"
+        "print(sorted(m for m in ('proxy.rewrite', 'proxy.relabel', 'proxy.rules') if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    passthrough, with_rules = result.stdout.splitlines()
+    assert passthrough == "[]"
+    assert with_rules == "['proxy.relabel', 'proxy.rewrite', 'proxy.rules']"
