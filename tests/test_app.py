@@ -466,6 +466,11 @@ async def test_followers_get_the_same_refusal(make_proxy: ProxyFactory) -> None:
     client = await make_proxy(port=free_port())
     responses = await asyncio.gather(*(client.get("/metrics") for _ in range(3)))
     assert [r.status for r in responses] == [502, 502, 502]
+    text = await (await client.get("/proxy/metrics")).text()
+    asked = outcome_count(text, "connect_error")  # scrapes that asked the exporter themselves
+    assert 1 <= asked <= 3
+    # Every other scrape was a follower, and each follower is counted once.
+    assert sample_value(text, "windows_metrics_proxy_coalesced_scrapes_total") == 3 - asked
 
 
 async def test_leader_going_away_does_not_break_followers(

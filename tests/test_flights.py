@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -22,6 +21,7 @@ from proxy.rewrite import BodyRewrite
 from tests.conftest import LOOPBACK, ProxyFactory
 from tests.rawserver import raw_server
 from tests.test_app import sample_value
+from tests.test_faults import eventually as until
 
 TEXT_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
 
@@ -34,12 +34,13 @@ async def metric(client: TestClient, name: str, labels: str = "") -> float:
     return sample_value(await (await client.get("/proxy/metrics")).text(), name, labels)
 
 
-async def until(condition: Callable[[], Awaitable[bool]], what: str, limit: float = 10.0) -> None:
-    deadline = time.monotonic() + limit
-    while not await condition():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"not within {limit}s: {what}")
-        await asyncio.sleep(0.01)
+async def followers_joined(client: TestClient, count: int) -> None:
+    """Wait (bounded) until `count` scrapes have joined another scrape's flight."""
+
+    async def joined() -> bool:
+        return await metric(client, "windows_metrics_proxy_coalesced_scrapes_total") == count
+
+    await until(joined, f"{count} scrape(s) joined a flight")
 
 
 async def read_all(
@@ -89,10 +90,7 @@ async def test_a_stuck_first_scraper_does_not_stall_the_second(make_proxy: Proxy
             )
             second = asyncio.create_task(read_all(client, timeout(3)))
 
-            async def joined() -> bool:
-                return await metric(client, "windows_metrics_proxy_coalesced_scrapes_total") == 1
-
-            await until(joined, "the second scrape joined the flight")
+            await followers_joined(client, 1)
             gate.set()
             status, received, error, took = await second
         finally:
@@ -148,10 +146,7 @@ async def test_an_unexpected_exception_breaks_every_scraper(
         client = await make_proxy(port=upstream.port, **extra)
         scrapes = [asyncio.create_task(read_all(client, timeout(10))) for _ in range(3)]
 
-        async def joined() -> bool:
-            return await metric(client, "windows_metrics_proxy_coalesced_scrapes_total") == 2
-
-        await until(joined, "three scrapes in one flight")
+        await followers_joined(client, 2)
         gate.set()
         results = await asyncio.gather(*scrapes)
         text = await (await client.get("/proxy/metrics")).text()
@@ -188,10 +183,7 @@ async def test_a_cancellation_during_prepare_leaves_the_others_whole(
         client = await make_proxy(port=upstream.port)
         scrapes = [asyncio.create_task(read_all(client, timeout(10))) for _ in range(3)]
 
-        async def joined() -> bool:
-            return await metric(client, "windows_metrics_proxy_coalesced_scrapes_total") == 2
-
-        await until(joined, "three scrapes in one flight")
+        await followers_joined(client, 2)
         monkeypatch.setattr(aiohttp.web.StreamResponse, "prepare", prepare)
         gate.set()
         results = await asyncio.gather(*scrapes)
@@ -246,10 +238,7 @@ async def test_followers_are_served_within_their_own_deadlines(make_proxy: Proxy
         short = asyncio.create_task(read_all(client, timeout(1)))
         long = asyncio.create_task(read_all(client, timeout(10)))
 
-        async def joined() -> bool:
-            return await metric(client, "windows_metrics_proxy_coalesced_scrapes_total") == 2
-
-        await until(joined, "both followers in the flight")
+        await followers_joined(client, 2)
         gate.set()
         short_status, short_received, short_error, short_took = await short
         assert short_status == 200
@@ -274,10 +263,7 @@ async def test_followers_of_a_failed_exporter_are_counted_once_each(make_proxy: 
         client = await make_proxy(port=upstream.port)
         scrapes = [asyncio.create_task(read_all(client, timeout(10))) for _ in range(3)]
 
-        async def joined() -> bool:
-            return await metric(client, "windows_metrics_proxy_coalesced_scrapes_total") == 2
-
-        await until(joined, "three scrapes in one flight")
+        await followers_joined(client, 2)
         gate.set()
         results = await asyncio.gather(*scrapes)
         text = await (await client.get("/proxy/metrics")).text()
