@@ -223,7 +223,7 @@ class MetricsProxy:
 
     def _late_head(self, flight: Flight, left: float) -> str:
         log.info(
-            "scrape timed out waiting for a shared exporter answer",
+            "scrape timed out waiting for the exporter's response headers",
             extra={"fields": {"upstream": self.upstream.url, "coalesced": flight.key is not None}},
         )
         return f"504 no response headers within the scrape timeout (upstream {self.upstream.url})"
@@ -248,6 +248,15 @@ class MetricsProxy:
         except asyncio.CancelledError as exc:
             self._count("cancelled", _cancel_reason(exc))
             raise
+        except Exception as exc:  # not one upstream.py classifies: still one count, one 502
+            self._count("connect_error", f"unexpected error asking the exporter: {exc!r}")
+            log.exception(
+                "unexpected error asking the exporter", extra={"fields": {"upstream": self.upstream.url}}
+            )
+            flight.set_head(
+                Refusal(502, f"502 unexpected error asking the exporter (upstream {self.upstream.url})")
+            )
+            return
         self.telemetry.upstream_first_byte.observe(time.perf_counter() - started)
         transform: BodyRewrite | None = None
         whole = False

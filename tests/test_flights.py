@@ -275,3 +275,23 @@ async def test_followers_of_a_failed_exporter_are_counted_once_each(make_proxy: 
     )
     assert failures == 1  # one upstream request, counted once
     assert sample_value(text, "windows_metrics_proxy_client_aborts_total") == 0  # a 502 cuts nothing
+
+
+async def test_an_unexpected_error_asking_the_exporter_is_one_502_for_everyone(
+    make_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception upstream.py does not classify still ends the flight with one count and a 502."""
+    import proxy.upstream
+
+    async def broken(*_args: object, **_kwargs: object) -> None:
+        await asyncio.sleep(0.2)  # long enough for the other scrapes to join
+        raise KeyError("injected")
+
+    monkeypatch.setattr(proxy.upstream.Upstream, "request", broken)
+    client = await make_proxy(port=1)
+    scrapes = [asyncio.create_task(read_all(client, timeout(10))) for _ in range(3)]
+    await followers_joined(client, 2)
+    results = await asyncio.gather(*scrapes)
+    text = await (await client.get("/proxy/metrics")).text()
+    assert [status for status, *_ in results] == [502] * 3
+    assert sample_value(text, "windows_metrics_proxy_upstream_requests_total", 'outcome="connect_error"') == 1
