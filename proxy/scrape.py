@@ -156,7 +156,7 @@ class MetricsProxy:
                 async with asyncio.timeout_at(expires):
                     head = await asyncio.shield(flight.head)
             except TimeoutError:
-                return text_response(504, self._late_head(flight, expires - loop.time()))
+                return text_response(504, self._late_head(flight))
             if isinstance(head, Refusal):
                 return text_response(head.status, head.text)
             writer = ClientWriter(head, request)
@@ -221,7 +221,7 @@ class MetricsProxy:
         self.telemetry.client_aborts.inc()
         abort(request)
 
-    def _late_head(self, flight: Flight, left: float) -> str:
+    def _late_head(self, flight: Flight) -> str:
         log.info(
             "scrape timed out waiting for the exporter's response headers",
             extra={"fields": {"upstream": self.upstream.url, "coalesced": flight.key is not None}},
