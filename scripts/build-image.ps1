@@ -44,13 +44,16 @@
 #>
 [CmdletBinding()]
 param(
+    # Options = 'None': PowerShell matches patterns ignoring case unless told otherwise, and an image
+    # repository must be lowercase.
     [Parameter(Mandatory = $true)]
-    [ValidatePattern('^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)+$')]
+    [ValidatePattern('^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)+$', Options = 'None')]
     [string] $Image,
 
     [string] $Version = '',
 
-    [ValidateSet('ltsc2022', 'ltsc2025')]
+    # Case-sensitive too: the value becomes the base image's tag and this image's tag suffix.
+    [ValidateSet('ltsc2022', 'ltsc2025', IgnoreCase = $false)]
     [string[]] $WindowsVersions = @('ltsc2022', 'ltsc2025'),
 
     [ValidatePattern('^3\.1[34]\.[0-9]+$')]
@@ -105,7 +108,7 @@ function Resolve-Digest {
         $digest = (& docker buildx imagetools inspect $Reference --format '{{.Manifest.Digest}}' | Out-String).Trim()
         if ($LASTEXITCODE -ne 0) { throw "docker buildx imagetools inspect $Reference failed (install crane, or pass -BaseDigests)" }
     }
-    if ($digest -notmatch '^sha256:[0-9a-f]{64}$') { throw "Not a digest for ${Reference}: '$digest'" }
+    if ($digest -cnotmatch '^sha256:[0-9a-f]{64}$') { throw "Not a digest for ${Reference}: '$digest'" }
     Write-Host "$Reference -> $digest"
     return $digest
 }

@@ -424,3 +424,28 @@ def test_image_version_is_the_projects() -> None:
     # the build script tags with proxy.__version__ by default; the manifests test checks the tags
     assert re.search(r"__version__\\s\*=\\s\*\"", BUILD_SCRIPT.read_text())
     assert re.fullmatch(r"[0-9]+\.[0-9]+\.[0-9]+", __version__)
+
+
+def test_build_script_checks_names_with_case() -> None:
+    """PowerShell's ValidatePattern, ValidateSet and -match ignore case unless told otherwise; an
+    image repository must be lowercase, and the release names become image tags."""
+    script = BUILD_SCRIPT.read_text()
+    image = re.search(r"\[ValidatePattern\(('[^']+'), Options = 'None'\)\]\s*\[string\] \$Image", script)
+    assert image, "the $Image pattern must be case-sensitive (Options = 'None')"
+    assert "[ValidateSet('ltsc2022', 'ltsc2025', IgnoreCase = $false)]" in script
+    assert "-cnotmatch '^sha256:[0-9a-f]{64}$'" in script
+    assert " -notmatch '^sha256" not in script
+
+
+def test_image_python_writes_utf8() -> None:
+    """A Windows console's code page is not UTF-8; log lines carry the exporter's text."""
+    env = " ".join(
+        line for line in Path(ROOT / "Dockerfile.windows").read_text().splitlines() if "PYTHON" in line
+    )
+    assert "PYTHONIOENCODING=utf-8" in env
+
+
+def test_the_declared_license_is_in_the_repository() -> None:
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text
+    assert "Version 2.0, January 2004" in text
