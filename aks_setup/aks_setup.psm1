@@ -3,11 +3,17 @@
 # The Azure VMSS DSC extension (publisher Microsoft.Powershell, type DSC) runs it from aks_setup.zip,
 # which scripts/package_aks_setup.py builds: this file at the zip's root (settings
 # configuration.script = "aks_setup.psm1", configuration.function = "Setup") and
-# windows_exporter-<version>-amd64.msi beside it.
+# windows_exporter-<version>-amd64.msi and data/windows_exporter-collectors.json beside it.
 #
 # Read docs/exporter-sources.md first: AKS treats extensions added to its node scale sets as
 # unsupported changes, they do not survive a reimage or upgrade unless applied again, and the DSC
 # extension retires on 2028-03-31. AKS's built-in exporter (port 19182) needs none of this.
+#
+# Before anything else, Setup refuses a Collectors list with a name the MSI's windows_exporter
+# version does not have (from data/windows_exporter-collectors.json): such an exporter exits at start
+# ("unknown collector cs" for 0.31.0 and later), and since the MSI starts the service without waiting,
+# the install would "succeed" and only Start-Service would fail, on every node.
+# The defaults are for windows_exporter 0.31.3 (they are valid from 0.24.0 on).
 #
 # What Setup does, and why it can run any number of times:
 #   * TestScript is true only when the windows_exporter service exists and runs with the wanted
@@ -31,9 +37,11 @@ Configuration Setup
         [ValidateRange(1, 65535)]
         [int] $Port = 9182,
 
-        # Comma-separated collectors; '[defaults]' stands for windows_exporter's default set.
+        # Comma-separated collectors; '[defaults]' stands for windows_exporter's default set. Each must
+        # exist in the MSI's version. Default: windows_exporter 0.31's own default set, plus container
+        # (the pods' metrics on a Kubernetes node) and tcp.
         [ValidatePattern('^[a-z0-9_\[\]]+(,[a-z0-9_\[\]]+)*$')]
-        [string] $Collectors = 'cpu,cs,container,logical_disk,memory,net,os,service,system,tcp',
+        [string] $Collectors = 'cpu,container,logical_disk,memory,net,os,physical_disk,service,system,tcp',
 
         # Optional: directories for the textfile collector (MSI property TEXTFILE_DIRS).
         [string] $TextfileDirectory = '',
@@ -61,6 +69,25 @@ Configuration Setup
         throw "Cannot read the windows_exporter version from the MSI's name: $MsiPath"
     }
     $WantedVersion = $Matches[1]
+
+    # Refuse collectors the version lacks, now, before anything is installed (see the header). The
+    # table is the one scripts/package_aks_setup.py checks with; it puts the file in the zip at this
+    # same path. A version missing from it cannot be checked, so it is refused too.
+    $CollectorData = Join-Path $PSScriptRoot 'data\windows_exporter-collectors.json'
+    if (-not (Test-Path -LiteralPath $CollectorData)) {
+        throw "Cannot check Collectors: $CollectorData is missing (scripts/package_aks_setup.py puts it in the zip)"
+    }
+    $Release = (Get-Content -Raw -LiteralPath $CollectorData | ConvertFrom-Json).versions.PSObject.Properties["v$WantedVersion"]
+    if (-not $Release) {
+        throw "Cannot check Collectors: windows_exporter $WantedVersion is not in $CollectorData; add that release's collectors to it"
+    }
+    $Known = @($Release.Value.collectors)
+    # -cnotcontains: windows_exporter's collector names are case-sensitive.
+    $Unknown = @(($Collectors -split ',') | Where-Object { $_ -ne '[defaults]' -and $Known -cnotcontains $_ } | Sort-Object -Unique)
+    if ($Unknown.Count -gt 0) {
+        $names = ($Unknown | ForEach-Object { "'$_'" }) -join ', '
+        throw "Collectors lists $names, which windows_exporter $WantedVersion does not have: it would refuse to start (unknown collector). Nothing was installed. Its collectors: $($Known -join ',')"
+    }
     $WantedCollectors = (($Collectors -split ',') | Sort-Object -Unique) -join ','
     $StateFile = Join-Path $env:ProgramData 'windows-metrics-proxy\aks_setup.json'
     $WantedExtras = @{ TextfileDirectory = $TextfileDirectory; RemoteAddress = $RemoteAddress } | ConvertTo-Json -Compress

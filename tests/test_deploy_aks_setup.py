@@ -5,12 +5,18 @@ PowerShell grammar and must have no syntax error (and a broken snippet must show
 read for what the design requires; the packaging script is run for real, on a small stand-in MSI
 made by the tests, over a path and over a loopback URL; the examples are parsed (HCL, bash) and must
 name the same script, function and parameters as the module.
+
+Collectors: windows_exporter exits at start on a collector its version lacks (`cs` from 0.31.0 on),
+so the packager's check is run for real on both sides of that line, the module's check is read and
+parsed, and every default and example list is checked against the version it is written for, all
+from aks_setup/data/windows_exporter-collectors.json, the one table both checks read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.server
+import importlib.util
 import io
 import json
 import re
@@ -20,6 +26,7 @@ import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -31,6 +38,11 @@ MODULE = ROOT / "aks_setup" / "aks_setup.psm1"
 PACKAGER = ROOT / "scripts" / "package_aks_setup.py"
 TERRAFORM = ROOT / "aks_setup" / "examples" / "terraform" / "main.tf"
 AZ_SCRIPT = ROOT / "aks_setup" / "examples" / "az" / "install-dsc-extension.sh"
+COLLECTOR_DATA = ROOT / "aks_setup" / "data" / "windows_exporter-collectors.json"
+DOCS = ROOT / "docs" / "exporter-sources.md"
+# The version the defaults and examples are written for; each file says so ("for windows_exporter X").
+KIT_VERSION = "0.31.3"
+WRITTEN_FOR = re.compile(r"for windows_exporter (\d+\.\d+\.\d+)")
 SKIP_DIRS = {".git", ".venv", "node_modules", "build", "dist", ".mypy_cache", ".ruff_cache"}
 OLE_MAGIC = bytes.fromhex("d0cf11e0a1b11ae1")
 
@@ -158,7 +170,8 @@ def test_configuration_setup_and_its_parameters() -> None:
     assert configuration_name() == "Setup"
     params = configuration_parameters()
     assert params["Port"] == "9182"
-    assert params["Collectors"] == "'cpu,cs,container,logical_disk,memory,net,os,service,system,tcp'"
+    defaults = "'cpu,container,logical_disk,memory,net,os,physical_disk,service,system,tcp'"
+    assert params["Collectors"] == defaults
     assert params["TextfileDirectory"] == "''"
     assert params["RemoteAddress"] == "''"
     assert "Import-DscResource -ModuleName 'PSDesiredStateConfiguration'" in module_text()
@@ -200,7 +213,7 @@ def test_testscript_compares_version_port_and_collectors() -> None:
 # --- The packaging script -------------------------------------------------------------------------
 
 
-def stand_in_msi(directory: Path, name: str = "windows_exporter-1.2.3-amd64.msi") -> tuple[Path, str]:
+def stand_in_msi(directory: Path, name: str = "windows_exporter-0.31.3-amd64.msi") -> tuple[Path, str]:
     """A small file that starts like an MSI (an OLE compound file), and its SHA256."""
     data = OLE_MAGIC + b"stand-in for the windows_exporter MSI\n" * 50
     path = directory / name
@@ -223,11 +236,18 @@ def test_zip_layout(tmp_path: Path) -> None:
     with zipfile.ZipFile(out) as archive:
         names = archive.namelist()
         # the configuration script at the root, where the DSC extension's configuration.script points
-        assert names == ["aks_setup.psm1", "windows_exporter-1.2.3-amd64.msi", "dscmetadata.json"]
+        assert names == [
+            "aks_setup.psm1",
+            "windows_exporter-0.31.3-amd64.msi",
+            "data/windows_exporter-collectors.json",
+            "dscmetadata.json",
+        ]
         assert archive.read("aks_setup.psm1") == MODULE.read_bytes()
-        assert archive.read("windows_exporter-1.2.3-amd64.msi") == msi.read_bytes()
+        # the table the module checks Collectors with, where it looks ($PSScriptRoot\data\...)
+        assert archive.read("data/windows_exporter-collectors.json") == COLLECTOR_DATA.read_bytes()
+        assert archive.read("windows_exporter-0.31.3-amd64.msi") == msi.read_bytes()
         metadata = json.loads(archive.read("dscmetadata.json"))
-        assert metadata == {"AdditionalContent": ["windows_exporter-1.2.3-amd64.msi"]}
+        assert metadata == {"AdditionalContent": ["windows_exporter-0.31.3-amd64.msi"]}
         assert archive.testzip() is None
 
 
@@ -236,12 +256,12 @@ def test_zip_is_reproducible_and_names_the_msi_by_version(tmp_path: Path) -> Non
     assert package("--msi", str(msi), "--sha256", sha, "--output", "a.zip", cwd=tmp_path).returncode != 0
     for out in ("a.zip", "b.zip"):
         result = package(
-            "--msi", str(msi), "--sha256", sha.upper(), "--version", "1.2.3", "--output", out, cwd=tmp_path
+            "--msi", str(msi), "--sha256", sha.upper(), "--version", "0.31.3", "--output", out, cwd=tmp_path
         )
         assert result.returncode == 0, result.stderr
     assert (tmp_path / "a.zip").read_bytes() == (tmp_path / "b.zip").read_bytes()
     with zipfile.ZipFile(tmp_path / "a.zip") as archive:
-        assert "windows_exporter-1.2.3-amd64.msi" in archive.namelist()
+        assert "windows_exporter-0.31.3-amd64.msi" in archive.namelist()
 
 
 @pytest.mark.parametrize(
@@ -300,7 +320,7 @@ def test_packaging_from_a_url(tmp_path: Path, msi_server: tuple[str, str]) -> No
     result = package("--msi-url", url, "--sha256", sha, "--output", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     with zipfile.ZipFile(out) as archive:
-        assert archive.namelist()[1] == "windows_exporter-1.2.3-amd64.msi"
+        assert archive.namelist()[1] == "windows_exporter-0.31.3-amd64.msi"
     wrong = package("--msi-url", url, "--sha256", "0" * 64, "--output", str(tmp_path / "x.zip"), cwd=tmp_path)
     assert wrong.returncode == 1
     assert "SHA256 mismatch" in wrong.stderr
@@ -379,3 +399,185 @@ def test_examples_default_to_the_modules_defaults() -> None:
     az = AZ_SCRIPT.read_text()
     assert f"port=${{3:-{params['Port']}}}" in az
     assert f"collectors=${{4:-{params['Collectors'].strip(chr(39))}}}" in az
+
+
+# --- Collectors against the exporter's version -----------------------------------------------------
+
+
+def packager_module() -> ModuleType:
+    """scripts/package_aks_setup.py imported by path (scripts/ is not a package), for its check."""
+    spec = importlib.util.spec_from_file_location("package_aks_setup", PACKAGER)
+    assert spec
+    assert spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def collector_table() -> dict[str, list[str]]:
+    table: dict[str, list[str]] = packager_module().load_collector_table()
+    return table
+
+
+def unknown(collectors: str, version: str) -> list[str]:
+    names: list[str] = packager_module().unknown_collectors(collectors, version, collector_table())
+    return names
+
+
+def written_for(text: str) -> str:
+    """The one version a file says its collectors are for."""
+    versions = set(WRITTEN_FOR.findall(text))
+    assert len(versions) == 1, versions
+    return versions.pop()
+
+
+def module_default_collectors() -> str:
+    return (configuration_parameters()["Collectors"] or "").strip("'")
+
+
+def test_the_collector_table_is_the_documented_data() -> None:
+    data = json.loads(COLLECTOR_DATA.read_text())
+    assert "windows_exporter" in data["source"]
+    versions = data["versions"]
+    assert {"v0.16.0", "v0.30.8", "v0.31.0", "v0.31.8"} <= set(versions)
+    for tag, entry in versions.items():
+        assert re.fullmatch(r"v\d+\.\d+\.\d+", tag), tag
+        assert set(entry["default"]) <= set(entry["collectors"]), tag
+    readme = (COLLECTOR_DATA.parent / "README.md").read_text()
+    assert COLLECTOR_DATA.name in readme
+    assert "prometheus-community/windows_exporter" in readme
+
+
+def test_cs_is_valid_for_0_30_and_not_for_0_31() -> None:
+    """The defect: `cs` left in v0.31.0, and every 0.31.x refuses to start with it."""
+    table = collector_table()
+    listed = "cpu,cs,container,memory"
+    v030 = [v for v in table if v.startswith("0.30.")]
+    v031 = [v for v in table if v.startswith("0.31.")]
+    assert v030
+    assert v031
+    for version in v030:
+        assert unknown(listed, version) == [], version
+    for version in v031:
+        assert unknown(listed, version) == ["cs"], version
+    assert unknown("[defaults],container", "0.31.3") == []  # the exporter's own set is always valid
+
+
+def test_packaging_refuses_cs_for_0_31_and_accepts_it_for_0_30(tmp_path: Path) -> None:
+    refused_msi, refused_sha = stand_in_msi(tmp_path, "windows_exporter-0.31.3-amd64.msi")
+    out = tmp_path / "refused.zip"
+    result = package(
+        "--msi", str(refused_msi), "--sha256", refused_sha, "--collectors", "cpu,cs,os",
+        "--output", str(out), cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr == (
+        "package_aks_setup: error: windows_exporter 0.31.3 has no collector 'cs' (--collectors): it would "
+        "exit at start with 'unknown collector'; see aks_setup/data/windows_exporter-collectors.json\n"
+    )
+    assert not out.exists()
+    assert list(tmp_path.glob(".aks_setup-*")) == []
+
+    accepted_msi, accepted_sha = stand_in_msi(tmp_path, "windows_exporter-0.30.8-amd64.msi")
+    result = package(
+        "--msi", str(accepted_msi), "--sha256", accepted_sha, "--collectors", "cpu,cs,os",
+        "--output", str(tmp_path / "accepted.zip"), cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+def test_packaging_checks_the_modules_default_and_refuses_unknown_versions(tmp_path: Path) -> None:
+    msi, sha = stand_in_msi(tmp_path)
+    stale = tmp_path / "aks_setup.psm1"
+    stale.write_text(MODULE.read_text().replace(module_default_collectors(), "cpu,cs,container,os,tcp,logon"))
+    result = package("--msi", str(msi), "--sha256", sha, "--module", str(stale), cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == (
+        "package_aks_setup: error: windows_exporter 0.31.3 has no collectors 'cs', 'logon' (Collectors, the "
+        "default in aks_setup.psm1): it would exit at start with 'unknown collector'; see "
+        "aks_setup/data/windows_exporter-collectors.json\n"
+    )
+    unlisted, unlisted_sha = stand_in_msi(tmp_path, "windows_exporter-9.9.9-amd64.msi")
+    result = package("--msi", str(unlisted), "--sha256", unlisted_sha, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == (
+        "package_aks_setup: error: windows_exporter 9.9.9 is not in "
+        "aks_setup/data/windows_exporter-collectors.json, so its collectors cannot be checked; add that "
+        "release's collectors to it\n"
+    )
+    assert list(tmp_path.glob("*.zip")) == []
+
+
+def test_the_defaults_are_valid_for_the_version_they_are_written_for() -> None:
+    assert written_for(module_text()) == KIT_VERSION
+    defaults = module_default_collectors()
+    assert unknown(defaults, KIT_VERSION) == []
+    assert "cs" not in defaults.split(",")
+    table = json.loads(COLLECTOR_DATA.read_text())["versions"][f"v{KIT_VERSION}"]
+    # windows_exporter's own default set, plus what a Kubernetes node needs (the pods' containers)
+    assert set(table["default"]) | {"container"} <= set(defaults.split(","))
+
+
+def example_collector_lists() -> dict[str, tuple[str, list[str]]]:
+    """Per example: the version it is written for, and every collector list in it."""
+    tf = TERRAFORM.read_text()
+    az = AZ_SCRIPT.read_text()
+    docs = DOCS.read_text()
+    tf_default = re.search(r'variable "exporter_collectors" \{.*?default\s*=\s*"([^"]+)"', tf, re.DOTALL)
+    az_default = re.search(r"collectors=\$\{4:-([^}]+)\}", az)
+    docs_default = re.search(r"^\| `Collectors` \| `([^`]+)`", docs, re.MULTILINE)
+    assert tf_default
+    assert az_default
+    assert docs_default
+    docs_versions = set(re.findall(r"windows_exporter-(\d+\.\d+\.\d+)-amd64\.msi", docs))
+    assert len(docs_versions) == 1, docs_versions  # the version the docs' packaging commands install
+    return {
+        "terraform": (written_for(tf), [tf_default[1]]),
+        "az": (written_for(az), [az_default[1]]),
+        "docs": (docs_versions.pop(), [docs_default[1], *re.findall(r"--collectors ([a-z0-9_,]+)", docs)]),
+    }
+
+
+@pytest.mark.parametrize("example", ["terraform", "az", "docs"])
+def test_every_examples_collectors_exist_in_the_version_it_installs(example: str) -> None:
+    version, lists = example_collector_lists()[example]
+    assert version == KIT_VERSION
+    for collectors in lists:
+        assert unknown(collectors, version) == [], collectors
+
+
+def powershell_collector_check() -> str:
+    """The module's check: from reading the table to the throw that names the unknown collectors."""
+    text = module_text()
+    start = text.index("$CollectorData = ")
+    end = text.index("\n", text.index("throw", text.index("if ($Unknown.Count -gt 0)")))
+    return text[start:end] + "\n    }\n"
+
+
+def test_the_module_refuses_unknown_collectors_before_installing() -> None:
+    text = module_text()
+    check = powershell_collector_check()
+    assert syntax_errors(check.encode()) == []  # the check, alone, is whole PowerShell
+    # It runs when the configuration compiles: after the version is read from the MSI's name, before
+    # the Node block (so before msiexec can run anywhere).
+    assert text.index("$WantedVersion = $Matches[1]") < text.index(check) < text.index("Node localhost")
+    # Reading the table the packager writes into the zip, at the same relative path.
+    data_path = re.search(r"Join-Path \$PSScriptRoot '([^']+)'", check)
+    assert data_path
+    assert data_path[1].replace("\\", "/") == packager_module().COLLECTOR_DATA_IN_ZIP
+    assert COLLECTOR_DATA.relative_to(MODULE.parent).as_posix() == data_path[1].replace("\\", "/")
+    # The release's entry by its key in the file ("v0.31.3"), its collectors, case-sensitively.
+    assert '.versions.PSObject.Properties["v$WantedVersion"]' in check
+    assert "$Release.Value.collectors" in check
+    assert "-cnotcontains" in check
+    assert "'[defaults]'" in check
+    # Clear errors: a missing version, and the unknown collectors with the version.
+    assert re.search(r'throw "Cannot check Collectors: windows_exporter \$WantedVersion is not in', check)
+    assert re.search(r'throw "Collectors lists \$names, which windows_exporter \$WantedVersion does', check)
+
+
+def test_the_module_and_the_packager_accept_the_same_list_syntax() -> None:
+    pattern = re.search(r"\[ValidatePattern\('([^']+)'\)\]\s*\[string\] \$Collectors", module_text())
+    assert pattern
+    assert pattern[1] == packager_module().COLLECTOR_LIST.pattern

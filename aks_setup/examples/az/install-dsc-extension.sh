@@ -10,8 +10,14 @@
 # extension retires on 2028-03-31. Where AKS's built-in exporter (port 19182) runs, none of this is
 # needed.
 #
+# Each collector must exist in the version of the MSI in aks_setup.zip, or the configuration fails
+# before installing (windows_exporter would exit at start: `cs`, for one, is gone from 0.31.0 on).
+# The default list is for windows_exporter 0.31.3; check another list with
+# `scripts/package_aks_setup.py --collectors <list>` when you build the zip.
+#
 # Not run by this project's tests, which only check that it names the same script, function and
-# parameters as aks_setup/aks_setup.psm1.
+# parameters as aks_setup/aks_setup.psm1, and that its default
+# collectors exist in windows_exporter 0.31.3.
 set -euo pipefail
 
 if [ $# -lt 2 ]; then
@@ -21,7 +27,7 @@ fi
 node_resource_group=$1
 zip_url=$2
 port=${3:-9182}
-collectors=${4:-cpu,cs,container,logical_disk,memory,net,os,service,system,tcp}
+collectors=${4:-cpu,container,logical_disk,memory,net,os,physical_disk,service,system,tcp}
 
 settings=$(cat <<JSON
 {

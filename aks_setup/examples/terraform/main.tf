@@ -8,7 +8,8 @@
 # this is needed.
 #
 # Not applied anywhere by this project's tests, which only check that it names the same script,
-# function and parameters as aks_setup/aks_setup.psm1.
+# function and parameters as aks_setup/aks_setup.psm1, and that its default
+# collectors exist in windows_exporter 0.31.3.
 
 terraform {
   required_providers {
@@ -43,10 +44,14 @@ variable "exporter_port" {
   default     = 9182
 }
 
+# Each collector must exist in the version of the MSI in aks_setup.zip, or the configuration fails
+# before installing (windows_exporter would exit at start: `cs`, for one, is gone from 0.31.0 on).
+# This default is for windows_exporter 0.31.3; check another list with
+# `scripts/package_aks_setup.py --collectors <list>` when you build the zip.
 variable "exporter_collectors" {
-  description = "Comma-separated windows_exporter collectors."
+  description = "Comma-separated windows_exporter collectors, each one the packaged MSI's version has."
   type        = string
-  default     = "cpu,cs,container,logical_disk,memory,net,os,service,system,tcp"
+  default     = "cpu,container,logical_disk,memory,net,os,physical_disk,service,system,tcp"
 }
 
 variable "exporter_remote_address" {
