@@ -132,14 +132,17 @@ Configuration Setup
         }).ToString()
 
     # Are the extras (textfile directory, REMOTE_ADDR) those of the last install? They cannot be read
-    # back reliably, so Set records them in $StateFile. Nothing asked for: nothing to compare.
+    # back reliably, so Set records them in $StateFile. An empty value is a value too: clearing a
+    # RemoteAddress or TextfileDirectory set before must reinstall without it, so the recorded ones
+    # are compared whenever there is a record. With no record, nothing asked for matches.
     $ExtrasMatch = ({
             param($Wanted, $StateFile)
-            if (-not ($Wanted.TextfileDirectory -or $Wanted.RemoteAddress)) { return $true }
-            if (-not (Test-Path -LiteralPath $StateFile)) { return $false }
+            if (-not (Test-Path -LiteralPath $StateFile)) {
+                return (-not ($Wanted.TextfileDirectory -or $Wanted.RemoteAddress))
+            }
             $recorded = Get-Content -Raw -LiteralPath $StateFile | ConvertFrom-Json
-            return ($recorded.TextfileDirectory -eq $Wanted.TextfileDirectory -and
-                $recorded.RemoteAddress -eq $Wanted.RemoteAddress)
+            return ([string] $recorded.TextfileDirectory -ceq [string] $Wanted.TextfileDirectory -and
+                [string] $recorded.RemoteAddress -ceq [string] $Wanted.RemoteAddress)
         }).ToString()
 
     Node localhost

@@ -364,6 +364,7 @@ def az_settings() -> dict[str, Any]:
     assert template, "the settings here-document"
     filled = template[1].replace("${zip_url}", "https://example.invalid/aks_setup.zip")
     filled = filled.replace("${port}", "9182").replace("${collectors}", "cpu,os")
+    filled = filled.replace("${remote_address}", "10.244.0.0/16")
     assert "${" not in filled, filled
     return json.loads(filled)
 
@@ -581,3 +582,39 @@ def test_the_module_and_the_packager_accept_the_same_list_syntax() -> None:
     pattern = re.search(r"\[ValidatePattern\('([^']+)'\)\]\s*\[string\] \$Collectors", module_text())
     assert pattern
     assert pattern[1] == packager_module().COLLECTOR_LIST.pattern
+
+
+def test_both_examples_pass_the_same_arguments() -> None:
+    """The az example lacked RemoteAddress, which the Terraform one passes."""
+    hcl2 = require_module("hcl2", "pip install -e '.[test]' installs python-hcl2")
+    document = hcl2.load(io.StringIO(TERRAFORM.read_text()))
+    settings = next(block["dsc_settings"] for block in document["locals"] if "dsc_settings" in block)
+    assert set(az_settings()["configurationArguments"]) == set(settings["configurationArguments"])
+    assert az_settings()["configurationArguments"]["RemoteAddress"] == "10.244.0.0/16"
+
+
+def test_terraform_example_pins_azurerm_4_and_names_the_subscription() -> None:
+    """azurerm v4 refuses a provider block without subscription_id (or ARM_SUBSCRIPTION_ID)."""
+    hcl2 = require_module("hcl2", "pip install -e '.[test]' installs python-hcl2")
+    document = hcl2.load(io.StringIO(TERRAFORM.read_text()))
+    providers = document["terraform"][0]["required_providers"][0]
+    assert unquote(providers["azurerm"]["version"]) == "~> 4.0"
+    providers_configured = {unquote(name): block for p in document["provider"] for name, block in p.items()}
+    assert providers_configured["azurerm"]["subscription_id"] == "${var.subscription_id}"
+    assert "subscription_id" in {unquote(name) for v in document["variable"] for name in v}
+
+
+def test_clearing_an_extra_is_not_taken_for_no_change() -> None:
+    """TestScript said 'configured' whenever no RemoteAddress or TextfileDirectory was asked for, so
+    clearing one set before never took effect. With a record, its values are always compared."""
+    text = MODULE.read_text()
+    block = re.search(r"\$ExtrasMatch = \(\{(.*?)\}\)\.ToString\(\)", text, re.DOTALL)
+    assert block, "the ExtrasMatch script block"
+    body = block[1]
+    assert "{ return $true }" not in body
+    record = body.index("Test-Path -LiteralPath $StateFile")
+    compare = body.index("$recorded.RemoteAddress")
+    assert record < compare
+    # the only unconditional answer is for a node with no record at all
+    no_record = body[record : body.index("Get-Content")]
+    assert "-not ($Wanted.TextfileDirectory -or $Wanted.RemoteAddress)" in no_record

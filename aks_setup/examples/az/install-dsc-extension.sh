@@ -2,7 +2,10 @@
 # Example: add the DSC extension that runs aks_setup (installs windows_exporter) to every Windows
 # scale set in an AKS cluster's node resource group, with the Azure CLI.
 #
-#   ./install-dsc-extension.sh <node-resource-group> <aks_setup.zip URL> [port] [collectors]
+#   ./install-dsc-extension.sh <node-resource-group> <aks_setup.zip URL> [port] [collectors] [remote-address]
+#
+# remote-address: the firewall rule's allow-list for the exporter's port (for example the pod CIDR);
+# empty, the default, lets any address that can reach the node in.
 #
 # Read docs/exporter-sources.md before using it. AKS treats changes made to its node scale sets
 # through the IaaS APIs, extensions included, as unsupported, and they do not survive a node image
@@ -21,13 +24,14 @@
 set -euo pipefail
 
 if [ $# -lt 2 ]; then
-  sed -n '2,6p' "$0" >&2
+  sed -n '2,9p' "$0" >&2
   exit 2
 fi
 node_resource_group=$1
 zip_url=$2
 port=${3:-9182}
 collectors=${4:-cpu,container,logical_disk,memory,net,os,physical_disk,service,system,tcp}
+remote_address=${5:-}
 
 settings=$(cat <<JSON
 {
@@ -39,7 +43,8 @@ settings=$(cat <<JSON
   },
   "configurationArguments": {
     "Port": ${port},
-    "Collectors": "${collectors}"
+    "Collectors": "${collectors}",
+    "RemoteAddress": "${remote_address}"
   },
   "privacy": {
     "dataCollection": "Disable"

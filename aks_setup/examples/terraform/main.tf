@@ -15,12 +15,20 @@ terraform {
   required_providers {
     azurerm = {
       source = "hashicorp/azurerm"
+      # v4 is what this example is written for: it requires the subscription in the provider block.
+      version = "~> 4.0"
     }
   }
 }
 
 provider "azurerm" {
   features {}
+  subscription_id = var.subscription_id
+}
+
+variable "subscription_id" {
+  description = "The subscription of the cluster (azurerm v4 requires it; `az account show --query id -o tsv`)."
+  type        = string
 }
 
 variable "node_resource_group" {
