@@ -11,13 +11,16 @@
          .../nanoserver:<version> (with `crane digest` if it is on PATH, else with
          `docker buildx imagetools inspect`), unless -BaseDigests gives them;
       2. builds Dockerfile.windows with those digests, the pinned Python version and its SHA256,
-         and tags <Image>:<Version>-<windows version>;
+         and tags <Image>:<Version>-<windows version> and <Image>:<Version>-<windows version>-<BuildId>;
       3. writes every pin it used to build\image-pins.json, so the same build can be repeated with
          -BaseDigests.
 
-    With -Push it pushes both images and then <Image>:<Version>, a manifest list whose entries carry
-    os.version (10.0.20348.x, 10.0.26100.x), which is what lets containerd on a node pick the
-    image that matches the node's Windows build.
+    With -Push it pushes both images and then <Image>:<Version> and <Image>:<Version>-<BuildId>,
+    the same manifest list whose entries carry os.version (10.0.20348.x, 10.0.26100.x), which is
+    what lets containerd on a node pick the image that matches the node's Windows build. It then
+    adds the pushed digests to build\image-pins.json. A rebuild (for Windows' monthly base image
+    updates) reuses the <Version> tags but never a <BuildId> tag: deploy by digest or by a <BuildId>
+    tag (docs/windows-image.md, "Pinning the image").
 
     A WS2022 host can build the ltsc2025 image only with -Isolation hyperv; a WS2025 host builds
     both with process isolation.
@@ -27,6 +30,11 @@
 
 .PARAMETER Version
     The image tag. Defaults to the version in proxy\__init__.py.
+
+.PARAMETER BuildId
+    What makes this build's unique tags unique. Defaults to the UTC time, yyyyMMddHHmm; a CI run
+    number works too. Letters, digits and dots, starting with a digit (so it never reads as a
+    release name).
 
 .PARAMETER PythonVersion
     CPython 3.13.x or 3.14.x, installed from python.org's python-<version>-amd64.exe.
@@ -51,6 +59,9 @@ param(
     [string] $Image,
 
     [string] $Version = '',
+
+    [ValidatePattern('^[0-9][0-9A-Za-z.]*$')]
+    [string] $BuildId = '',
 
     # Case-sensitive too: the value becomes the base image's tag and this image's tag suffix.
     [ValidateSet('ltsc2022', 'ltsc2025', IgnoreCase = $false)]
@@ -114,24 +125,36 @@ function Resolve-Digest {
 }
 
 if (-not $Version) { $Version = Get-ProjectVersion }
+if (-not $BuildId) { $BuildId = (Get-Date).ToUniversalTime().ToString('yyyyMMddHHmm') }
 $pins = [ordered]@{
     image          = $Image
     version        = $Version
+    build_id       = $BuildId
     python_version = $PythonVersion
     python_sha256  = $PythonSha256.ToLowerInvariant()
     builds         = @()
+    manifest_list  = $null
+}
+
+$pinsFile = Join-Path $root 'build\image-pins.json'
+function Write-Pins {
+    New-Item -ItemType Directory -Force -Path (Split-Path -Parent $pinsFile) | Out-Null
+    $pins | ConvertTo-Json -Depth 5 | Set-Content -Encoding UTF8 -LiteralPath $pinsFile
+    Write-Host "Pins written to $pinsFile"
 }
 
 $tags = @()
+$uniqueTags = @()
 foreach ($windowsVersion in $WindowsVersions) {
     $servercore = "mcr.microsoft.com/windows/servercore:$windowsVersion"
     $nanoserver = "mcr.microsoft.com/windows/nanoserver:$windowsVersion"
     $servercoreDigest = Resolve-Digest $servercore
     $nanoserverDigest = Resolve-Digest $nanoserver
     $tag = '{0}:{1}-{2}' -f $Image, $Version, $windowsVersion
+    $uniqueTag = '{0}-{1}' -f $tag, $BuildId
 
     $buildArgs = @(
-        'build', '--file', $dockerfile, '--isolation', $Isolation, '--tag', $tag,
+        'build', '--file', $dockerfile, '--isolation', $Isolation, '--tag', $tag, '--tag', $uniqueTag,
         '--build-arg', "WINDOWS_VERSION=$windowsVersion",
         '--build-arg', "SERVERCORE_DIGEST=$servercoreDigest",
         '--build-arg', "NANOSERVER_DIGEST=$nanoserverDigest",
@@ -145,32 +168,42 @@ foreach ($windowsVersion in $WindowsVersions) {
     if ($LASTEXITCODE -ne 0 -or -not $osVersion) { throw "Cannot read the OS version of $tag" }
     $pins.builds += [ordered]@{
         tag                = $tag
+        unique_tag         = $uniqueTag
+        digest             = $null
         windows_version    = $windowsVersion
         os_version         = $osVersion
         servercore         = "$servercore@$servercoreDigest"
         nanoserver         = "$nanoserver@$nanoserverDigest"
     }
     $tags += $tag
+    $uniqueTags += $uniqueTag
 }
 
-$pinsFile = Join-Path $root 'build\image-pins.json'
-New-Item -ItemType Directory -Force -Path (Split-Path -Parent $pinsFile) | Out-Null
-$pins | ConvertTo-Json -Depth 5 | Set-Content -Encoding UTF8 -LiteralPath $pinsFile
-Write-Host "Pins written to $pinsFile"
+Write-Pins
 
 if ($Push) {
-    foreach ($tag in $tags) { Invoke-Native "Pushing $tag" 'docker' @('push', $tag) }
-
-    $list = '{0}:{1}' -f $Image, $Version
-    Invoke-Native "Creating $list" 'docker' (@('manifest', 'create', '--amend', $list) + $tags)
     foreach ($build in $pins.builds) {
-        Invoke-Native "Annotating $($build.tag)" 'docker' @(
-            'manifest', 'annotate', '--os', 'windows', '--arch', 'amd64',
-            '--os-version', $build.os_version, $list, $build.tag)
+        foreach ($name in @($build.tag, $build.unique_tag)) { Invoke-Native "Pushing $name" 'docker' @('push', $name) }
+        $build.digest = Resolve-Digest $build.unique_tag
     }
-    Invoke-Native "Pushing $list" 'docker' @('manifest', 'push', '--purge', $list)
-    Write-Host "Pushed $list for: $($tags -join ', ')"
+
+    # The same list twice: under the moving tag, and under one that no rebuild reuses.
+    $list = '{0}:{1}' -f $Image, $Version
+    $uniqueList = '{0}-{1}' -f $list, $BuildId
+    foreach ($name in @($list, $uniqueList)) {
+        Invoke-Native "Creating $name" 'docker' (@('manifest', 'create', '--amend', $name) + $uniqueTags)
+        foreach ($build in $pins.builds) {
+            Invoke-Native "Annotating $($build.unique_tag)" 'docker' @(
+                'manifest', 'annotate', '--os', 'windows', '--arch', 'amd64',
+                '--os-version', $build.os_version, $name, $build.unique_tag)
+        }
+        Invoke-Native "Pushing $name" 'docker' @('manifest', 'push', '--purge', $name)
+    }
+    $pins.manifest_list = [ordered]@{ tag = $list; unique_tag = $uniqueList; digest = (Resolve-Digest $uniqueList) }
+    Write-Pins
+    Write-Host "Pushed $list and $uniqueList for: $(($tags + $uniqueTags) -join ', ')"
+    Write-Host "Deploy by digest: $Image@$($pins.manifest_list.digest) (docs/windows-image.md, 'Pinning the image')"
 }
 else {
-    Write-Host "Built $($tags -join ', '); run again with -Push to push them and the manifest list."
+    Write-Host "Built $(($tags + $uniqueTags) -join ', '); run again with -Push to push them and the manifest lists."
 }

@@ -449,3 +449,48 @@ def test_the_declared_license_is_in_the_repository() -> None:
     text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in text
     assert "Version 2.0, January 2004" in text
+
+
+def test_build_script_pushes_tags_no_rebuild_reuses_and_records_their_digests() -> None:
+    """Monthly rebuilds reuse <version> and <version>-<release>; the manifests pull IfNotPresent, so
+    each build must also push tags of its own, and record the digests to deploy (docs/windows-image.md,
+    "Pinning the image")."""
+    from tests.test_deploy_manifests import UNIQUE_TAG
+
+    script = BUILD_SCRIPT.read_text()
+    pattern = re.search(r"\[ValidatePattern\('([^']+)'\)\]\s*\[string\] \$BuildId = ''", script)
+    assert pattern
+    cases = [("202611291840", True), ("1234", True), ("7.2", True), ("ltsc2022", False), ("", False)]
+    for build_id, ok in cases:
+        assert bool(re.fullmatch(pattern[1].strip("^$"), build_id)) == ok, build_id
+    assert "$BuildId = (Get-Date).ToUniversalTime().ToString('yyyyMMddHHmm')" in script
+    # the tags, formatted as PowerShell's -f does; they are what the manifests test accepts as unique
+    per_release = re.search(r"\$tag = ('[^']+') -f \$Image, \$Version, \$windowsVersion", script)
+    unique = re.search(r"\$uniqueTag = ('[^']+') -f \$tag, \$BuildId", script)
+    unique_list = re.search(r"\$uniqueList = ('[^']+') -f \$list, \$BuildId", script)
+    assert per_release
+    assert unique
+    assert unique_list
+    tag = per_release[1].strip("'").format("r.example/w", __version__, "ltsc2022")
+    unique_tags = [
+        unique[1].strip("'").format(tag, "202611291840"),
+        unique_list[1].strip("'").format(f"r.example/w:{__version__}", "202611291840"),
+    ]
+    assert unique_tags == [
+        f"r.example/w:{__version__}-ltsc2022-202611291840",
+        f"r.example/w:{__version__}-202611291840",
+    ]
+    for reference in unique_tags:
+        assert UNIQUE_TAG.fullmatch(reference.partition(":")[2]), reference
+    assert not UNIQUE_TAG.fullmatch(tag.partition(":")[2])  # the moving tag is not taken for a unique one
+    assert "'--tag', $tag, '--tag', $uniqueTag" in script
+    # both images and both list names are pushed; the lists point at the unique per-release tags
+    assert "foreach ($name in @($build.tag, $build.unique_tag))" in script
+    assert "foreach ($name in @($list, $uniqueList))" in script
+    assert "@('manifest', 'create', '--amend', $name) + $uniqueTags" in script
+    # the digests pushed go into build\image-pins.json, written again after the push
+    assert "$build.digest = Resolve-Digest $build.unique_tag" in script
+    assert "digest = (Resolve-Digest $uniqueList)" in script
+    push = script.index("if ($Push) {")
+    assert script.rindex("Write-Pins") > script.index("'manifest', 'push'", push)
+    assert re.search(r"(?m)^Write-Pins$", script[:push])  # written without -Push too (the CI reads it)

@@ -551,3 +551,100 @@ def test_the_migration_guides_port_patch_works(tmp_path: Path) -> None:
 def test_image_tag_is_the_project_version() -> None:
     base = yaml.safe_load((MANIFESTS / "base" / "kustomization.yaml").read_text())
     assert base["images"] == [{"name": IMAGE, "newTag": __version__}]
+
+
+# --- Pinning the image (docs/windows-image.md, "Pinning the image") --------------------------------
+# The rule: the pull policy is IfNotPresent, stated explicitly, and every image reference is one no
+# rebuild reuses (a digest, or build-image.ps1's -<BuildId> tag), except the registry.example
+# placeholder that the shipped manifests carry, which never resolves and must be replaced.
+
+DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+# <version>-<BuildId> (the manifest list) or <version>-<release>-<BuildId>; a BuildId starts with a digit
+UNIQUE_TAG = re.compile(rf"{re.escape(__version__)}(-ltsc20(22|25))?-[0-9][0-9A-Za-z.]*")
+MOVING_TAGS = {__version__, f"{__version__}-ltsc2022", f"{__version__}-ltsc2025"}
+PINNED = "myregistry.azurecr.io/windows-metrics-proxy"
+
+
+def pull_problem(proxy: dict[str, Any]) -> str | None:
+    """Why nodes could keep running an old build with this container's image and policy, or None."""
+    image, policy = proxy["image"], proxy.get("imagePullPolicy")
+    if policy != "IfNotPresent":
+        return f"imagePullPolicy is {policy!r}, not an explicit IfNotPresent"
+    if DIGEST.search(image):
+        return None
+    name, colon, tag = image.rpartition(":")
+    if not colon or "/" in tag:
+        return f"{image}: no tag and no digest"
+    if name == IMAGE and tag in MOVING_TAGS:
+        return None  # the placeholder: it never resolves, so it cannot be deployed as it is
+    if UNIQUE_TAG.fullmatch(tag):
+        return None
+    return f"{image}: a tag that rebuilds reuse, with IfNotPresent: nodes that have it never pull a rebuild"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_overlay_pulls_a_moving_tag_if_not_present(overlay: str) -> None:
+    proxy = container(rendered(overlay))
+    assert pull_problem(proxy) is None, pull_problem(proxy)
+    # the only moving tags shipped are on the placeholder, which the docs say to replace by a digest
+    assert proxy["image"].startswith(f"{IMAGE}:")
+
+
+def docs_pinned_images() -> str:
+    """The `images:` stanza of the example in docs/windows-image.md, with a digest filled in."""
+    guide = (ROOT / "docs" / "windows-image.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", guide, re.DOTALL) if "digest:" in b]
+    assert len(blocks) == 1
+    stanza = re.search(r"^images:\n(?:  .*\n)+", blocks[0], re.MULTILINE)
+    assert stanza
+    assert "newTag" not in stanza[0]
+    # the same entry as docs/deploy-aks.md's step 3
+    aks = (ROOT / "docs" / "deploy-aks.md").read_text()
+    assert "    digest: sha256:<manifest_list.digest from build/image-pins.json>\n" in stanza[0]
+    assert "    digest: sha256:<manifest_list.digest from build/image-pins.json>\n" in aks
+    assert 'newTag: "<version>"' not in aks
+    return re.sub(r"sha256:<[^>]+>", "sha256:" + "0123456789abcdef" * 4, stanza[0])
+
+
+@pytest.mark.parametrize("resource", ["base", "overlays/ltsc2022", "overlays/ltsc2025"])
+def test_the_docs_pinned_image_example_renders_to_a_digest(resource: str, tmp_path: Path) -> None:
+    work = tmp_path / "pinned"
+    work.mkdir()
+    write_kustomization(work, [resource], [], docs_pinned_images())
+    result = kustomize(work)
+    assert result.returncode == 0, result.stderr
+    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    proxy = container(objects)
+    # the digest replaces the base's (or the overlay's) moving tag
+    assert proxy["image"] == f"{PINNED}@sha256:" + "0123456789abcdef" * 4
+    assert re.fullmatch(rf"{re.escape(PINNED)}@sha256:[0-9a-f]{{64}}", proxy["image"])
+    assert proxy["imagePullPolicy"] == "IfNotPresent"
+    assert pull_problem(proxy) is None
+
+
+@pytest.mark.parametrize(
+    ("images", "refused"),
+    [
+        (f'    newTag: "{__version__}"\n', True),
+        (f'    newTag: "{__version__}-ltsc2022"\n', True),
+        ('    newTag: "latest"\n', True),
+        ("    digest: sha256:0123\n", True),  # kustomize takes it; not a digest
+        (f'    newTag: "{__version__}-202611291840"\n', False),
+        (f'    newTag: "{__version__}-ltsc2025-202611291840"\n', False),
+        ("    digest: sha256:" + "ab" * 32 + "\n", False),
+    ],
+    ids=["version", "release", "latest", "short-digest", "unique", "unique-release", "digest"],
+)
+def test_a_moving_tag_on_a_real_registry_is_refused(images: str, refused: bool, tmp_path: Path) -> None:
+    work = tmp_path / "user"
+    work.mkdir()
+    entry = f"images:\n  - name: {IMAGE}\n    newName: {PINNED}\n{images}"
+    write_kustomization(work, ["base"], [], entry)
+    result = kustomize(work)
+    assert result.returncode == 0, result.stderr
+    proxy = container([doc for doc in yaml.safe_load_all(result.stdout) if doc])
+    assert proxy["image"].startswith(PINNED)
+    assert (pull_problem(proxy) is not None) == refused, proxy["image"]
+    # and Always, or a policy left to the defaults, is not what the manifests say
+    assert pull_problem(proxy | {"imagePullPolicy": "Always"}) is not None
+    assert pull_problem({"image": proxy["image"]}) is not None
