@@ -186,6 +186,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "demo", help="run the fake exporter and the proxy together on free local ports"
     )
     demo_parser.add_argument("--scale", type=int, default=1, help="multiply the fake exporter's series by N")
+    if command == "demo":
+        from proxy import fake_exporter
+
+        fake_exporter.add_profile_argument(demo_parser)
     add_settings_flags(demo_parser, skip=("hostip", "port", "listen_address"))
     demo_parser.set_defaults(func=_cmd_demo, listen_port="0")
 

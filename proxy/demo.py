@@ -9,7 +9,7 @@ import argparse
 import asyncio
 import sys
 
-from proxy.fake_exporter import FakeExporter, bound_port, run_fake_exporter
+from proxy.fake_exporter import DEFAULT_PROFILE, FakeExporter, bound_port, run_fake_exporter
 from proxy.server import start_proxy
 from proxy.settings import Settings
 
@@ -41,7 +41,7 @@ def banner(exporter_port: int, proxy_port: int) -> str:
 async def run_demo(
     settings: Settings, args: argparse.Namespace, stop: asyncio.Event, *, loop_name: str
 ) -> None:
-    exporter = FakeExporter(scale=args.scale)
+    exporter = FakeExporter(scale=args.scale, profile=getattr(args, "profile", DEFAULT_PROFILE))
     exporter_runner = await run_fake_exporter(exporter, DEMO_HOST, 0)
     try:
         exporter_port = bound_port(exporter_runner)

@@ -7,11 +7,14 @@ import asyncio
 import contextlib
 import gzip
 import importlib.resources
+import importlib.util
 import io
+import json
 import re
 import time
 import zlib
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -691,3 +694,153 @@ def test_framing_arguments() -> None:
     assert (args.framing, args.split_pause) == ("split", 0.3)
     with pytest.raises(SystemExit):
         parser.parse_args(["--framing", "http2"])
+
+
+# --- the 0.31 profile (proxy/data/windows_exporter-0.31-profile.prom) ----------------------------------
+
+PROFILE_031 = (
+    importlib.resources.files("proxy") / "data" / "windows_exporter-0.31-profile.prom"
+).read_bytes()
+# The families windows_exporter v0.31.8 documents (docs/collector.*.md) that the generator worked
+# from; committed because the upstream repository is not available to tests.
+FAMILIES_031 = json.loads(
+    (importlib.resources.files("proxy") / "data" / "windows_exporter-0.31-families.json").read_text()
+)
+DEFAULT_COLLECTORS_031 = {"cpu", "memory", "logical_disk", "physical_disk", "net", "os", "service", "system"}
+
+
+def _profile_families(body: bytes) -> dict[str, Any]:
+    return {f.name: f for f in text_format_families(body.decode())}
+
+
+def _sample_names(body: bytes) -> set[str]:
+    return {line.split("{")[0].split(" ")[0] for line in body.decode().splitlines() if line[:1] != "#"}
+
+
+def test_profile_031_parses_and_has_current_names() -> None:
+    families = _profile_families(PROFILE_031)
+    cpu = families["windows_cpu_time"]  # the parser drops _total from counter family names
+    assert cpu.type == "counter"
+    assert {frozenset(s.labels) for s in cpu.samples} == {frozenset({"core", "mode"})}
+    assert {s.labels["mode"] for s in cpu.samples} == {"dpc", "idle", "interrupt", "privileged", "user"}
+    assert len({s.labels["core"] for s in cpu.samples}) == 4
+    for name in (
+        "windows_memory_physical_total_bytes",
+        "windows_memory_physical_free_bytes",
+        "windows_os_hostname",
+        "windows_os_info",
+        "windows_logical_disk_free_bytes",
+        "windows_service_state",
+        "windows_container_available",
+        "windows_exporter_build_info",
+    ):
+        assert name in families, name
+    volumes = {s.labels["volume"] for s in families["windows_logical_disk_size_bytes"].samples}
+    assert volumes == {"C:", "D:"}
+    running = {
+        s.labels["name"]
+        for s in families["windows_service_state"].samples
+        if s.value == 1 and s.labels["state"] == "running"
+    }
+    assert {"kubelet", "containerd"} <= running
+    build = families["windows_exporter_build_info"].samples[0].labels
+    assert build["version"].startswith("0.31.")
+
+
+def test_profile_031_has_none_of_the_removed_names() -> None:
+    names = {
+        line.split("{")[0].split(" ")[0] for line in PROFILE_031.decode().splitlines() if line[:1] != "#"
+    }
+    assert not {n for n in names if n.startswith("windows_cs_")}
+    # The memory series windows_os_* had before 0.30 moved to the memory collector.
+    assert not {
+        n
+        for n in names
+        if n.startswith("windows_os_") and n not in {"windows_os_hostname", "windows_os_info"}
+    }
+    assert "windows_cpu_info" not in names  # cpu_info is not enabled by default
+
+
+def test_profile_031_serves_only_documented_families() -> None:
+    listed = {f["name"]: f for f in FAMILIES_031["families"]}
+    served = {f.name: f for f in ExporterPayload.parse(PROFILE_031).families}
+    assert set(served) == set(listed) - set(FAMILIES_031["omitted"])
+    for name, family in served.items():
+        entry = listed[name]
+        assert family.type == entry["type"], name
+        assert entry["source"].startswith(
+            ("docs/collector.", "pkg/collector/", "prometheus/client_golang")
+        ), name
+        # Every collector family comes from the docs' tables; only the exporter's own series don't.
+        from_docs = entry["source"].startswith("docs/")
+        assert from_docs != name.startswith("windows_exporter_"), name
+        for sample in family.samples:
+            labels = set(re.findall(r'(\w+)="', sample.labels or ""))
+            assert labels == set(entry["labels"]), (name, sample.raw)
+
+
+async def test_profile_031_collectors_and_collect_filter(serve: Serve) -> None:
+    cli, exporter = await serve(profile="0.31")
+    assert exporter.payload.collectors == DEFAULT_COLLECTORS_031 | {"container"}
+    assert set(FAMILIES_031["collectors"]) == exporter.payload.collectors
+    body = await (await cli.get("/metrics", headers=IDENTITY)).read()
+    assert body == PROFILE_031
+    response = await cli.get("/metrics?collect[]=cpu", headers=IDENTITY)
+    assert response.status == 200
+    families = _profile_families(await response.read())
+    assert all(n.startswith(("windows_cpu_", "windows_exporter_")) for n in families), sorted(families)
+    assert "windows_cpu_time" in families
+    status = families["windows_exporter_collector_success"].samples
+    assert [s.labels["collector"] for s in status] == ["cpu"]
+    assert (await cli.get("/metrics?collect[]=cs")).status == 400  # windows_cs is gone in 0.31
+
+
+@pytest.mark.parametrize("scale", [1, 3])
+async def test_profile_031_openmetrics_parses_strictly(serve: Serve, scale: int) -> None:
+    cli, _ = await serve(profile="0.31", scale=scale)
+    response = await cli.get("/metrics", headers={"Accept": PROMETHEUS_ACCEPT, **IDENTITY})
+    assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+    families = list(text_string_to_metric_families((await response.read()).decode()))
+    assert len(families) == len(_profile_families(PROFILE_031))
+
+
+def test_profile_argument_and_unknown_profile() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).profile == "0.20"
+    assert parser.parse_args(["--profile", "0.31"]).profile == "0.31"
+    with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
+        parser.parse_args(["--profile", "0.99"])
+    with pytest.raises(ValueError, match="unknown profile"):
+        FakeExporter(profile="0.99")
+    assert FakeExporter().payload.source == CAPTURE  # 0.20 stays the default
+
+
+def test_profile_031_is_what_the_generator_writes() -> None:
+    """The data file is generated: regenerating it from the committed family list changes nothing."""
+    script = importlib.util.spec_from_file_location(
+        "make_exporter_profile",
+        Path(__file__).resolve().parent.parent / "scripts" / "make_exporter_profile.py",
+    )
+    assert script is not None
+    assert script.loader is not None
+    module = importlib.util.module_from_spec(script)
+    script.loader.exec_module(module)
+    assert module.render(FAMILIES_031).encode() == PROFILE_031
+    assert [
+        module.go_float(v) for v in (0, 1, 4, 0.5, 123456, 1234567, 1.7179869184e10, 0.0001, 0.00001)
+    ] == ["0", "1", "4", "0.5", "123456", "1.234567e+06", "1.7179869184e+10", "0.0001", "1e-05"]
+
+
+def test_readme_keep_list_names_exist_in_031() -> None:
+    """The README's relabel examples must name series a current node still serves."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    names = _sample_names(PROFILE_031)
+    regexes = re.findall(r"regex: (windows_[^\s;]*)", readme)
+    assert regexes
+    for regex in regexes:
+        for alternative in re.sub(r"^windows_\((.*)\)_\.\*$", r"\1", regex).split("|"):
+            pattern = alternative if alternative.startswith("windows_") else f"windows_{alternative}_.*"
+            if pattern == "windows_.*":
+                continue
+            assert any(re.fullmatch(pattern, n) for n in names), (regex, pattern)
