@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -41,18 +41,6 @@ PIECE = b'windows_cpu_time_total{core="0,0",mode="idle"} 1.5\n'
 
 def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[str]]]:
-    """Every proxy process a test starts is killed (and reaped) at the end, whatever happened."""
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.communicate(timeout=10)
 
 
 def start_proxy_process(upstream_port: int, budget: float) -> tuple[subprocess.Popen[str], int]:
