@@ -126,7 +126,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     rules = build_rules(settings)
     print(
         f"configuration OK: upstream {settings.upstream_url}, listen "
-        f"{settings.listen_address}:{settings.listen_port}, {len(rules)} relabel rule(s)"
+        f"{settings.listen_address}:{settings.listen_port}, {len(rules)} relabel rule(s), "
+        f"name validation {settings.name_validation}"
     )
     return 0
 
@@ -214,6 +215,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="expand ${VAR} in the rules from the environment",
+    )
+    relabel.add_argument(
+        "--name-validation",
+        dest="name_validation",
+        metavar="{utf8,legacy}",
+        default=None,
+        help="validate label names as Prometheus 3 does by default (utf8) or as 2.x does (legacy) "
+        "[env PROXY_NAME_VALIDATION, default 'utf8']",
     )
     relabel.add_argument(
         "--format",

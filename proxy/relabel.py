@@ -1,9 +1,24 @@
 """Prometheus relabel_config, with Prometheus's semantics: parsing, validation and the engine.
 
-Pure: no I/O. Written from Prometheus's documented behaviour (`model/relabel` in
-prometheus/prometheus, 2.x): RE2 regexes anchored as ``^(?s:...)$``, Go's ``regexp.Expand`` for
-``$1``/``${1}``/``$name``, the same defaults, validation rules and error cases, and hashmod as the md5
-of the joined values with its last 8 bytes read as a big-endian integer.
+Pure: no I/O. Written from Prometheus's behaviour (`model/relabel` in prometheus/prometheus 3.x, read
+at v3.14.0): RE2 regexes anchored as ``^(?s:...)$``, Go's ``regexp.Expand`` for ``$1``/``${1}``/
+``$name``, the same defaults, validation rules and error cases, and hashmod as the md5 of the joined
+values with its last 8 bytes read as a big-endian integer.
+
+Label names are checked under one of Prometheus 3's two name validation schemes, chosen per parse
+and kept on each Rule, because Prometheus 3 chooses it per scrape config
+(`metric_name_validation_scheme`):
+
+- ``utf8`` (Prometheus 3's default): a name is any non-empty valid UTF-8 string, so `utf-8.label`,
+  `0${1}` or `${3}` are acceptable targets.
+- ``legacy`` (Prometheus 2.x, and 3.x with `metric_name_validation_scheme: legacy`): a name is
+  ``[a-zA-Z_][a-zA-Z0-9_]*``, and a target or labelmap replacement that holds `$` references must
+  match Prometheus's `relabelTargetLegacy` pattern.
+
+Either way, as in Prometheus 3, `source_labels` may be any non-empty UTF-8 name (Prometheus parses
+them under its process-wide scheme, which is always UTF-8), `replace` skips a target that expands to
+an invalid name under the rule's scheme, and `labelmap` writes whatever name its replacement expands
+to, unchecked.
 
 One documented difference from Prometheus: here the rules see only the exporter's labels. Prometheus
 applies `metric_relabel_configs` after adding `job`, `instance` and other target labels, so a rule
@@ -17,8 +32,8 @@ import hashlib
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
 ACTIONS = (
     "replace",
@@ -40,7 +55,12 @@ FIELDS = ("source_labels", "separator", "regex", "modulus", "target_label", "rep
 
 NAME_LABEL = "__name__"
 
-# Prometheus 2.x label names, and its relabelTarget (a name that may hold $1/${1}/$name parts).
+Validation = Literal["utf8", "legacy"]
+VALIDATIONS: tuple[Validation, ...] = get_args(Validation)
+DEFAULT_VALIDATION: Validation = "utf8"
+
+# Legacy label names, and Prometheus's relabelTargetLegacy (a legacy name that may hold $1/${1}/$name
+# parts), which is what legacy validation asks of a name that holds a `$`.
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 _RELABEL_TARGET_PATTERN = r"^(?:(?:[a-zA-Z_]|\$(?:\{\w+\}|\w+))+\w*)+$"
 
@@ -65,6 +85,68 @@ def _relabel_target(text: str) -> bool:
 def is_label_name(name: str) -> bool:
     """A legacy label name (names repeat across series, so each is checked once)."""
     return _LABEL_NAME.match(name) is not None
+
+
+@functools.lru_cache(maxsize=4096)
+def is_utf8_label_name(name: str) -> bool:
+    """A label name under UTF-8 validation: non-empty and valid UTF-8, as Go's utf8.ValidString.
+
+    A Python str is valid UTF-8 unless it holds a lone surrogate (YAML's "\\udc80" escape, or bytes
+    decoded with surrogateescape), which Go would see as invalid bytes.
+    """
+    return bool(name) and (name.isascii() or _encodes(name))
+
+
+def label_name_check(validation: Validation) -> Callable[[str], bool]:
+    """Prometheus's ValidationScheme.IsValidLabelName for a scheme, as a cached function."""
+    if validation == "utf8":
+        return is_utf8_label_name
+    if validation == "legacy":
+        return is_label_name
+    raise ValueError(f"unknown name validation scheme {validation!r} (known: {', '.join(VALIDATIONS)})")
+
+
+_LEGACY_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
+
+
+@functools.lru_cache(maxsize=4096)
+def is_legacy_metric_name(name: str) -> bool:
+    """A legacy metric name: a legacy label name that may also hold `:` (recording rules' names)."""
+    return _LEGACY_METRIC_NAME.match(name) is not None
+
+
+def valid_label_set(labels: Mapping[str, str], validation: Validation) -> bool:
+    """Whether Prometheus 3 ingests a relabeled series under `validation` (labels.IsValid).
+
+    Not part of relabeling itself: Prometheus's scrape loop checks every series after
+    metric_relabel_configs and fails the whole scrape on one it cannot take (a `labelmap` or
+    `replace` to `__name__` may produce one). Values must be valid UTF-8 under either scheme.
+    """
+    valid_name = label_name_check(validation)
+    metric_name = is_legacy_metric_name if validation == "legacy" else is_utf8_label_name
+    for name, value in labels.items():
+        if name == NAME_LABEL and not metric_name(value):
+            return False
+        if not valid_name(name) or not (value.isascii() or _encodes(value)):
+            return False
+    return True
+
+
+def _encodes(text: str) -> bool:
+    """Valid UTF-8 once encoded (no lone surrogates); values vary too much to be worth caching."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _templated_name_ok(value: str, validation: Validation) -> bool:
+    """A replace target holding `$` or a labelmap replacement: Prometheus cannot know the expanded
+    name yet, so under UTF-8 it asks only for a valid name, under legacy for relabelTargetLegacy."""
+    if validation == "utf8":
+        return is_utf8_label_name(value)
+    return _relabel_target(value)
 
 
 class RelabelConfigError(ValueError):
@@ -247,6 +329,13 @@ class Rule:
     action: str
     target_template: Template
     replacement_template: Template
+    validation: Validation = DEFAULT_VALIDATION
+    # The runtime check of an expanded replace target under `validation`: a cached function, as the
+    # engine calls it once per replace per uncached series.
+    valid_target: Callable[[str], bool] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "valid_target", label_name_check(self.validation))
 
     def can_set(self, label: str) -> bool:
         """Whether applying this rule might write `label` (used to know if names can change)."""
@@ -263,8 +352,10 @@ def _string(value: Any, where: str) -> str:
     raise RelabelConfigError(where, f"must be a string, got {type(value).__name__}")
 
 
-def parse_rule(raw: Any, where: str) -> Rule:
-    """Validate one entry as Prometheus does; `raw` holds strings as YAML's BaseLoader gives them."""
+def parse_rule(raw: Any, where: str, *, validation: Validation = DEFAULT_VALIDATION) -> Rule:
+    """Validate one entry as Prometheus does under the name validation scheme `validation`; `raw`
+    holds strings as YAML's BaseLoader gives them."""
+    label_name_check(validation)  # an unknown scheme is the caller's bug: fail before any rule error
     if not isinstance(raw, Mapping):
         raise RelabelConfigError(where, "must be a mapping of relabel_config fields")
     for key in raw:
@@ -272,13 +363,17 @@ def parse_rule(raw: Any, where: str) -> Rule:
             raise RelabelConfigError(f"{where}.{key}", f"unknown field (known: {', '.join(FIELDS)})")
 
     source = raw.get("source_labels")
+    # Prometheus tells a missing (or null) list from an empty one: labeldrop refuses `[]`.
+    source_given = False
     if source is None or source == "":
         source_labels: tuple[str, ...] = ()
     elif isinstance(source, Sequence) and not isinstance(source, str):
+        source_given = True
         source_labels = tuple(_string(v, f"{where}.source_labels[{i}]") for i, v in enumerate(source))
         for i, label in enumerate(source_labels):
-            # UTF-8 names are allowed, as Prometheus 3 allows them; an empty one never is.
-            if not label:
+            # Prometheus 3 reads source_labels under its process-wide scheme, which is always UTF-8,
+            # whatever the rule's own scheme: any non-empty valid UTF-8 name.
+            if not is_utf8_label_name(label):
                 raise RelabelConfigError(
                     f"{where}.source_labels[{i}]", f"{label!r} is not a valid label name"
                 )
@@ -311,7 +406,15 @@ def parse_rule(raw: Any, where: str) -> Rule:
         raise RelabelConfigError(f"{where}.regex", str(exc)) from None
 
     _validate(
-        where, action, source_labels, separator, pattern, modulus, target_label, replacement, "regex" in raw
+        where,
+        action,
+        source_given,
+        separator,
+        modulus,
+        target_label,
+        replacement,
+        regex_given="regex" in raw,
+        validation=validation,
     )
     return Rule(
         source_labels=source_labels,
@@ -323,21 +426,25 @@ def parse_rule(raw: Any, where: str) -> Rule:
         action=action,
         target_template=parse_template(target_label, regex),
         replacement_template=parse_template(replacement, regex),
+        validation=validation,
     )
 
 
 def _validate(
     where: str,
     action: str,
-    source_labels: tuple[str, ...],
+    source_given: bool,
     separator: str,
-    pattern: str,
     modulus: int,
     target_label: str,
     replacement: str,
+    *,
     regex_given: bool,
+    validation: Validation,
 ) -> None:
-    """Prometheus's relabel.Config.Validate, rule for rule, with the field each one is about."""
+    """Prometheus's relabel.Config.Validate, check for check and in its order, with the field each
+    one is about."""
+    valid_name = label_name_check(validation)
     if action == "hashmod" and modulus == 0:
         raise RelabelConfigError(
             f"{where}.modulus", "relabel configuration for hashmod requires non-zero modulus"
@@ -348,36 +455,35 @@ def _validate(
             f"{where}.target_label",
             f"relabel configuration for {action} action requires 'target_label' value",
         )
+    invalid_target = RelabelConfigError(
+        f"{where}.target_label", f"{target_label!r} is invalid 'target_label' for {action} action"
+    )
+    if action == "replace":
+        # A literal target must be a valid name; one with `$` references is checked as a template.
+        templated = "$" in target_label
+        if not (_templated_name_ok(target_label, validation) if templated else valid_name(target_label)):
+            raise invalid_target
     plain_target = ("lowercase", "uppercase", "keepequal", "dropequal")
-    if action in ("replace", *plain_target) and not _relabel_target(target_label):
-        raise RelabelConfigError(
-            f"{where}.target_label", f"{target_label!r} is invalid 'target_label' for {action} action"
-        )
-    if action in plain_target and not is_label_name(target_label):
-        raise RelabelConfigError(
-            f"{where}.target_label", f"{target_label!r} is invalid 'target_label' for {action} action"
-        )
+    if action in plain_target and not valid_name(target_label):
+        raise invalid_target
     if action in plain_target and replacement != DEFAULT_REPLACEMENT:
         raise RelabelConfigError(f"{where}.replacement", f"'replacement' can not be set for {action} action")
-    if action == "labelmap" and not _relabel_target(replacement):
+    if action == "labelmap" and not _templated_name_ok(replacement, validation):
         raise RelabelConfigError(
             f"{where}.replacement", f"{replacement!r} is invalid 'replacement' for {action} action"
         )
-    if action == "hashmod" and not is_label_name(target_label):
-        raise RelabelConfigError(
-            f"{where}.target_label", f"{target_label!r} is invalid 'target_label' for {action} action"
-        )
+    if action == "hashmod" and not valid_name(target_label):
+        raise invalid_target
+    # Prometheus compares the regex by identity with its default: any regex written in the rule,
+    # even `(.*)`, counts as set.
     if action in ("keepequal", "dropequal") and (
-        (regex_given and pattern != DEFAULT_REGEX)
-        or modulus != 0
-        or separator != DEFAULT_SEPARATOR
-        or replacement != DEFAULT_REPLACEMENT
+        regex_given or modulus != 0 or separator != DEFAULT_SEPARATOR or replacement != DEFAULT_REPLACEMENT
     ):
         raise RelabelConfigError(
             where, f"{action} action requires only 'source_labels' and `target_label`, and no other fields"
         )
     if action in ("labeldrop", "labelkeep") and (
-        source_labels
+        source_given
         or target_label != ""
         or modulus != 0
         or separator != DEFAULT_SEPARATOR
@@ -386,12 +492,15 @@ def _validate(
         raise RelabelConfigError(where, f"{action} action requires only 'regex', and no other fields")
 
 
-def parse_rules(raw: Any, where: str = "metric_relabel_configs") -> list[Rule]:
+def parse_rules(
+    raw: Any, where: str = "metric_relabel_configs", *, validation: Validation = DEFAULT_VALIDATION
+) -> list[Rule]:
+    label_name_check(validation)  # an unknown scheme fails even with no rules to parse
     if raw is None or raw == "":
         return []
     if not isinstance(raw, Sequence) or isinstance(raw, str):
         raise RelabelConfigError(where, "must be a list of relabel_config entries")
-    return [parse_rule(entry, f"{where}[{i}]") for i, entry in enumerate(raw)]
+    return [parse_rule(entry, f"{where}[{i}]", validation=validation) for i, entry in enumerate(raw)]
 
 
 def go_lower(text: str) -> str:
@@ -455,7 +564,7 @@ def process(labels: dict[str, str], rules: Sequence[Rule]) -> dict[str, str] | N
             if match is None:
                 continue
             target = expand(rule.target_template, match)
-            if not is_label_name(target):
+            if not rule.valid_target(target):
                 continue
             _set(labels, target, expand(rule.replacement_template, match))
         elif action == "keepequal":
@@ -471,6 +580,7 @@ def process(labels: dict[str, str], rules: Sequence[Rule]) -> dict[str, str] | N
         elif action == "uppercase":
             _set(labels, rule.target_label, go_upper(value))
         elif action == "labelmap":
+            # Unchecked, as in Prometheus: a labelmap may write a name its scheme would refuse.
             for name, label_value in sorted(labels.items()):
                 match = rule.regex.match(name)
                 if match is not None:

@@ -32,7 +32,7 @@ from proxy.exposition import (
     parse_sample,
     split_sample,
 )
-from proxy.relabel import NAME_LABEL, Rule, process
+from proxy.relabel import NAME_LABEL, Rule, Validation, process, valid_label_set
 
 BOM = b"\xef\xbb\xbf"
 # The longest line the rewriter holds, in bytes before its newline. windows_exporter's longest lines
@@ -49,6 +49,10 @@ SAME: Any = object()
 # The new name of a series whose rules removed its name: Prometheus fails the whole scrape then
 # ("missing metric name"), so the rewriter does too.
 NAMELESS = b""
+# The new name of a series whose rules gave it a name the validation scheme refuses (under
+# `legacy`, e.g. `__name__` set to `edge-value`): Prometheus fails the whole scrape on it too
+# ("invalid metric name or label names"). Not a name any series can have: it holds a NUL.
+INVALID = b"\x00invalid"
 
 
 class RuleSet:
@@ -57,6 +61,9 @@ class RuleSet:
     def __init__(self, rules: Sequence[Rule], cache_size: int = 50_000) -> None:
         self.rules = tuple(rules)
         self.cache_size = cache_size
+        # Prometheus checks each series after its relabeling under its validation scheme; the
+        # rules were parsed under one scheme, which the check follows.
+        self.validation: Validation = self.rules[0].validation if self.rules else "utf8"
         self.cache: OrderedDict[bytes, Outcome] = OrderedDict()
         # Only rules that may write __name__ need the slower, family-buffering path.
         self.can_rename = any(rule.can_set(NAME_LABEL) for rule in self.rules)
@@ -91,6 +98,8 @@ class RuleSet:
             outcome = (old_name, None, NAMELESS)
         elif result is original or result == original:
             outcome = (old_name, SAME, old_name)
+        elif not valid_label_set(result, self.validation):
+            outcome = (old_name, None, INVALID)
         else:
             new_name = result.pop(NAME_LABEL)
             text = format_series(new_name, sorted(result.items()))
@@ -251,7 +260,7 @@ class Rewriter:
             prefix = entry[1]
             if prefix is None:
                 if entry[2] is not None:
-                    raise NamelessSeries(line)
+                    raise refused_series(entry[2], line, self.rules.validation)
                 dropped += 1
                 continue
             kept += 1
@@ -322,7 +331,7 @@ class Rewriter:
                 self._implicit_family(old_name, out)
             if prefix is None or new_name is None:
                 if new_name is not None:
-                    raise NamelessSeries(line)
+                    raise refused_series(entry[2], line, self.rules.validation)
                 stats.dropped += 1
                 continue
             stats.kept += 1
@@ -464,6 +473,21 @@ class NamelessSeries(BrokenBody):
     def __init__(self, line: bytes) -> None:
         shown = line[:200].decode("utf-8", "replace")
         super().__init__(f"the relabel rules removed the metric name of {shown!r}")
+
+
+class InvalidSeries(NamelessSeries):
+    """The rules gave a series a name its validation scheme refuses: Prometheus fails the scrape."""
+
+    def __init__(self, line: bytes, validation: str) -> None:
+        shown = line[:200].decode("utf-8", "replace")
+        BrokenBody.__init__(
+            self, f"the relabel rules made {shown!r} a series with a name {validation} validation refuses"
+        )
+
+
+def refused_series(new_name: bytes, line: bytes, validation: str) -> NamelessSeries:
+    """The error for a series the rules made unacceptable to Prometheus (no name, or an invalid one)."""
+    return InvalidSeries(line, validation) if new_name == INVALID else NamelessSeries(line)
 
 
 class LineTooLong(BrokenBody):

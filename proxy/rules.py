@@ -1,6 +1,9 @@
 """The rules the proxy applies, assembled from settings: the YAML file, `${VAR}` expansion, and the
 PROXY_KEEP / PROXY_DROP shorthands. Every error is a one-line ConfigError naming the setting, the
 rule's index and the field.
+
+Every rule, the shorthands' included, is read under PROXY_NAME_VALIDATION, so the server,
+`check-config` and the `relabel` dry run accept and apply the same rules the same way.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from proxy.relabel import RelabelConfigError, Rule, parse_rule, parse_rules
+from proxy.relabel import DEFAULT_VALIDATION, RelabelConfigError, Rule, Validation, parse_rule, parse_rules
 from proxy.rewrite import RuleSet
 from proxy.settings import ConfigError, Settings, env_name, flag_name
 
@@ -24,8 +27,14 @@ def _setting(field: str) -> str:
     return f"{env_name(field)} ({flag_name(field)})"
 
 
-def parse_config_text(text: str, *, expand_env: bool, environ: Mapping[str, str] | None = None) -> list[Rule]:
-    """Rules from a YAML document holding `metric_relabel_configs:`.
+def parse_config_text(
+    text: str,
+    *,
+    expand_env: bool,
+    environ: Mapping[str, str] | None = None,
+    validation: Validation = DEFAULT_VALIDATION,
+) -> list[Rule]:
+    """Rules from a YAML document holding `metric_relabel_configs:`, validated under `validation`.
 
     Scalars are read as strings (YAML's BaseLoader), as Prometheus's Go YAML reads them into its
     string fields: `replacement: 1` is the string "1", `true` is "true".
@@ -54,7 +63,7 @@ def parse_config_text(text: str, *, expand_env: bool, environ: Mapping[str, str]
             _expand_entry(entry, f"{CONFIG_KEY}[{i}]", os.environ if environ is None else environ)
             for i, entry in enumerate(raw)
         ]
-    return parse_rules(raw, CONFIG_KEY)
+    return parse_rules(raw, CONFIG_KEY, validation=validation)
 
 
 def _expand_entry(entry: Any, where: str, environ: Mapping[str, str]) -> Any:
@@ -107,7 +116,11 @@ def build_rules(settings: Settings) -> list[Rule]:
             continue
         try:
             rules.append(
-                parse_rule({"source_labels": ["__name__"], "regex": pattern, "action": action}, field)
+                parse_rule(
+                    {"source_labels": ["__name__"], "regex": pattern, "action": action},
+                    field,
+                    validation=settings.name_validation,
+                )
             )
         except RelabelConfigError as exc:
             raise ConfigError(f"{_setting(field)}: {exc.message}") from None
@@ -119,7 +132,11 @@ def build_rules(settings: Settings) -> list[Rule]:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise ConfigError(f"{_setting('relabel_config')}: cannot read {path}: {reason}") from None
         try:
-            rules.extend(parse_config_text(text, expand_env=settings.relabel_expand_env))
+            rules.extend(
+                parse_config_text(
+                    text, expand_env=settings.relabel_expand_env, validation=settings.name_validation
+                )
+            )
         except RelabelConfigError as exc:
             raise ConfigError(f"{_setting('relabel_config')}: {path}: {exc}") from None
     return rules

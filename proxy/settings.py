@@ -145,6 +145,11 @@ class Settings(BaseSettings):
     relabel_expand_env: bool = Field(
         default=False, description="Expand ${VAR} in the relabel file from the environment."
     )
+    name_validation: Literal["utf8", "legacy"] = Field(
+        default="utf8",
+        description="How relabel rules' label names are validated: 'utf8' as Prometheus 3 does by "
+        "default, or 'legacy' as Prometheus 2.x (and 3.x with metric_name_validation_scheme: legacy).",
+    )
     relabel_cache_size: int = Field(
         default=50_000,
         ge=1,
@@ -187,7 +192,7 @@ class Settings(BaseSettings):
             raise ValueError(f"must be an absolute path without query or spaces, got {value!r}")
         return value
 
-    @field_validator("log_level", "log_format", "upstream_scheme", mode="before")
+    @field_validator("log_level", "log_format", "upstream_scheme", "name_validation", mode="before")
     @classmethod
     def _lowercase(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value

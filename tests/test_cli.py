@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -217,3 +218,34 @@ def test_a_passthrough_proxy_loads_neither_the_fake_exporter_nor_the_relabel_mod
     passthrough, with_rules = result.stdout.splitlines()
     assert passthrough == "[]"
     assert with_rules == "['proxy.relabel', 'proxy.rewrite', 'proxy.rules']"
+
+
+def test_name_validation_reaches_check_config_and_the_relabel_dry_run(tmp_path: Path) -> None:
+    """One setting for the server, `check-config` and `relabel`: a UTF-8 target name is taken by
+    default (Prometheus 3) and refused under legacy validation (Prometheus 2.x)."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("metric_relabel_configs:\n  - source_labels: [a]\n    target_label: utf-8.label\n")
+    body = tmp_path / "in.prom"
+    body.write_text('m{a="x"} 1\n')
+    ok = run_cli("check-config", "--hostip", "127.0.0.1", "--relabel-config", str(rules))
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip().endswith("1 relabel rule(s), name validation utf8")
+    legacy_env = {"PROXY_NAME_VALIDATION": "legacy"}
+    refused = run_cli("check-config", "--hostip", "127.0.0.1", "--relabel-config", str(rules), env=legacy_env)
+    assert refused.returncode == 2
+    assert "metric_relabel_configs[0].target_label: 'utf-8.label' is invalid" in refused.stderr
+    dry = run_cli("relabel", "--config", str(rules), str(body))
+    assert dry.returncode == 0, dry.stderr
+    assert "utf-8.label" in dry.stdout  # how the name is written out is exposition.py's business
+    # the flag wins over the environment, as every flag does
+    flagged = run_cli(
+        "relabel", "--name-validation", "utf8", "--config", str(rules), str(body), env=legacy_env
+    )
+    assert flagged.returncode == 0, flagged.stderr
+    for args, env in ((("--name-validation", "legacy"), {}), ((), legacy_env)):
+        result = run_cli("relabel", *args, "--config", str(rules), str(body), env=env)
+        assert result.returncode == 2
+        assert "'utf-8.label' is invalid 'target_label' for replace action" in result.stderr
+    bad = run_cli("relabel", "--name-validation", "strict", "--config", str(rules), str(body))
+    assert bad.returncode == 2
+    assert "--name-validation (PROXY_NAME_VALIDATION)" in bad.stderr

@@ -15,6 +15,11 @@
 Prometheus applies metric_relabel_configs after adding `job` and `instance`, so no rule here reads
 or writes them, and every labelkeep keeps them (harmless for the proxy, which never sees them).
 
+Debian's Prometheus is 2.42, which validates label names the legacy way, so every proxy here runs
+with PROXY_NAME_VALIDATION=legacy: the differential compares like with like. (The UTF-8 scheme,
+Prometheus 3's default, is checked against Prometheus 3's own test cases in
+tests/test_relabel_prometheus3.py.)
+
 Everything listens on 127.0.0.1 only; every wait is bounded in count and time.
 """
 
@@ -47,6 +52,8 @@ NO_MSSQL = "collect[]=cpu&collect[]=memory&collect[]=os&collect[]=logical_disk&c
 # promtool 2.42 `check metrics`: 0 clean, 1 parse error, 3 lint problems only.
 PROMTOOL_LINT_ONLY = 3
 SYNTHETIC_PREFIX = "scrape_"
+# Prometheus 2.42's name validation, which the proxy must use to be compared with it.
+NAME_VALIDATION = "legacy"
 
 Labels = frozenset[tuple[str, str]]
 
@@ -404,8 +411,9 @@ EDGE_TEXT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 EDGE_OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 # Regexes over non-ASCII values (`.` is one character, not one byte; RE2's (?i)), a rename that makes
-# the proxy re-serialize escaped label values, a value with a quote and a backslash, and hashmod
-# over UTF-8.
+# the proxy re-serialize escaped label values, a value with a quote and a backslash, hashmod over
+# UTF-8, and templated targets under legacy name validation: `word_Straße` is not a legacy name, so
+# Prometheus 2.42 skips that replace at run time (and so must the proxy), while `kind_nan` is set.
 UNICODE_REGEX = RuleFile(
     "unicode_regex",
     r"""
@@ -430,14 +438,23 @@ metric_relabel_configs:
     replacement: edge_${1}_renamed
   - target_label: added
     replacement: "é \" \\ "
+  - source_labels: [display_name]
+    regex: (\S+) .*
+    target_label: word_${1}
+    replacement: x
+  - source_labels: [kind]
+    regex: (n.*)
+    target_label: kind_${1}
+    replacement: "yes"
 """,
     present=(
         {"__name__": "edge_info_renamed", "first": "\u0391", "city": "İzmir", "newline": "a\nb"},
         {"__name__": "edge_info_renamed", "path": "C:\\Program Files\\x", "quote": 'say "hi"'},
         {"__name__": "edge_value_renamed", "kind": "nan", "added": 'é " \\ '},
         {"__name__": "edge_latency_seconds_bucket", "le": "+Inf"},
+        {"__name__": "edge_value_renamed", "kind": "neg", "kind_neg": "yes"},
     ),
-    absent=({"never": "x"}, {"__name__": "edge_info"}),
+    absent=({"never": "x"}, {"__name__": "edge_info"}, {"word_Straße": "x"}),
 )
 
 # A metric name Prometheus 2.42 cannot take: it fails the scrape ("invalid metric name"); the proxy
@@ -563,7 +580,9 @@ async def build(
         for rules in rule_files:
             path = tmp_path / f"{rules.name}.yml"
             path.write_text(rules.yaml)
-            proxy: TestClient = await make_proxy(port=server.port, relabel_config=path)
+            proxy: TestClient = await make_proxy(
+                port=server.port, relabel_config=path, name_validation=NAME_VALIDATION
+            )
             pair = Pair(
                 rules,
                 target,
@@ -760,7 +779,9 @@ async def test_promtool_accepts_the_output(
     path = tmp_path / f"{rules.name}.yml"
     path.write_text(rules.yaml)
     server = await aiohttp_server(FakeExporter().app(), host=LOOPBACK)
-    proxy: TestClient = await make_proxy(port=server.port, relabel_config=path)
+    proxy: TestClient = await make_proxy(
+        port=server.port, relabel_config=path, name_validation=NAME_VALIDATION
+    )
     async with aiohttp.ClientSession(trust_env=False, timeout=aiohttp.ClientTimeout(total=10)) as session:
         raw = await fetch_text(session, f"http://{LOOPBACK}:{server.port}/metrics?{NO_MSSQL}")
         rewritten = await fetch_text(session, f"http://{LOOPBACK}:{proxy.server.port}/metrics?{NO_MSSQL}")

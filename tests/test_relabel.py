@@ -10,15 +10,17 @@ from hypothesis import strategies as st
 from proxy.relabel import (
     Regex,
     RelabelConfigError,
+    Validation,
     hashmod,
     parse_rule,
     parse_rules,
     process,
+    valid_label_set,
 )
 
 
-def run(config: list[dict], labels: dict[str, str]) -> dict[str, str] | None:
-    return process(dict(labels), parse_rules(config))
+def run(config: list[dict], labels: dict[str, str], validation: Validation = "utf8") -> dict[str, str] | None:
+    return process(dict(labels), parse_rules(config, validation=validation))
 
 
 # --- defaults and actions ---------------------------------------------------------------------------
@@ -95,8 +97,14 @@ def test_replace_target_label_can_be_a_template() -> None:
         {"source_labels": ["k", "v"], "regex": "(.+);(.+)", "target_label": "tag_$1", "replacement": "$2"}
     ]
     assert run(config, {"k": "env", "v": "prod"}) == {"k": "env", "v": "prod", "tag_env": "prod"}
-    # a target that expands to an invalid label name changes nothing
-    assert run(config, {"k": "a-b", "v": "prod"}) == {"k": "a-b", "v": "prod"}
+    # "tag_a-b" is a name under UTF-8 validation (Prometheus 3's default)...
+    assert run(config, {"k": "a-b", "v": "prod"}) == {"k": "a-b", "v": "prod", "tag_a-b": "prod"}
+    # ...and not under legacy validation, where a target that expands to an invalid name changes nothing
+    assert run(config, {"k": "a-b", "v": "prod"}, "legacy") == {"k": "a-b", "v": "prod"}
+    # an empty name is invalid under both
+    empty = [{"source_labels": ["k"], "regex": "(x?)", "target_label": "$1", "replacement": "v"}]
+    for validation in ("utf8", "legacy"):
+        assert run(empty, {"a": "1"}, validation) == {"a": "1"}  # type: ignore[arg-type]
 
 
 def test_replace_without_a_match_changes_nothing_and_empty_deletes() -> None:
@@ -211,15 +219,13 @@ def test_action_names_are_case_insensitive() -> None:
             "rules[0].replacement",
             "can not be set",
         ),
-        ({"action": "uppercase", "target_label": "$1"}, "rules[0].target_label", "invalid 'target_label'"),
         ({"action": "keepequal", "target_label": "b", "regex": "x"}, "rules[0]", "requires only"),
+        # Prometheus compares keepequal's regex with its default by identity: `(.*)` written out is set.
+        ({"action": "dropequal", "target_label": "b", "regex": "(.*)"}, "rules[0]", "requires only"),
         ({"action": "labeldrop", "regex": "x", "source_labels": ["a"]}, "rules[0]", "requires only 'regex'"),
-        ({"action": "labelmap", "replacement": "1bad"}, "rules[0].replacement", "invalid 'replacement'"),
-        (
-            {"action": "replace", "target_label": "bad-name"},
-            "rules[0].target_label",
-            "invalid 'target_label'",
-        ),
+        # An empty list is not a missing one (promtool 2.42 refuses `source_labels: []` here too).
+        ({"action": "labelkeep", "regex": "x", "source_labels": []}, "rules[0]", "requires only 'regex'"),
+        ({"action": "labelmap", "replacement": ""}, "rules[0].replacement", "invalid 'replacement'"),
         ({"action": "explode"}, "rules[0].action", "unknown relabel action"),
         ({"action": "keep", "regex": "(a)\\1"}, "rules[0].regex", "invalid RE2 regex"),
         ({"action": "keep", "regex": "(?=a)"}, "rules[0].regex", "invalid RE2 regex"),
@@ -233,12 +239,53 @@ def test_action_names_are_case_insensitive() -> None:
         ({"action": "keep", "regexp": "x"}, "rules[0].regexp", "unknown field"),
     ],
 )
-def test_invalid_rules_name_index_and_field(config: dict, where: str, needle: str) -> None:
+@pytest.mark.parametrize("validation", ["utf8", "legacy"])
+def test_invalid_rules_name_index_and_field(
+    config: dict, where: str, needle: str, validation: Validation
+) -> None:
     with pytest.raises(RelabelConfigError) as raised:
-        parse_rules([{"source_labels": ["a"]}, config][1:], "rules")
+        parse_rules([{"source_labels": ["a"]}, config][1:], "rules", validation=validation)
     assert raised.value.where == where
     assert needle in raised.value.message
     assert "\n" not in str(raised.value)
+
+
+# Names that only legacy validation refuses: Prometheus 3 (UTF-8 by default) takes these rules.
+LEGACY_ONLY = [
+    ({"action": "uppercase", "target_label": "$1"}, "rules[0].target_label", "invalid 'target_label'"),
+    ({"action": "labelmap", "replacement": "1bad"}, "rules[0].replacement", "invalid 'replacement'"),
+    ({"action": "replace", "target_label": "bad-name"}, "rules[0].target_label", "invalid 'target_label'"),
+    ({"action": "replace", "target_label": "0${1}"}, "rules[0].target_label", "invalid 'target_label'"),
+    ({"action": "hashmod", "target_label": "shard.id", "modulus": "4"}, "rules[0].target_label", "invalid"),
+    ({"action": "keepequal", "target_label": "région"}, "rules[0].target_label", "invalid 'target_label'"),
+]
+
+
+@pytest.mark.parametrize(("config", "where", "needle"), LEGACY_ONLY)
+def test_non_legacy_names_are_refused_only_under_legacy_validation(
+    config: dict, where: str, needle: str
+) -> None:
+    with pytest.raises(RelabelConfigError) as raised:
+        parse_rules([config], "rules", validation="legacy")
+    assert (raised.value.where, needle in raised.value.message) == (where, True)
+    [rule] = parse_rules([config], "rules", validation="utf8")
+    assert (rule.validation, rule.action) == ("utf8", config["action"])
+
+
+def test_a_rule_keeps_its_scheme_for_the_runtime_check() -> None:
+    config = [{"source_labels": ["k"], "regex": "(.*)", "target_label": "${1}", "replacement": "v"}]
+    assert run(config, {"k": "a.b"}, "utf8") == {"k": "a.b", "a.b": "v"}
+    assert run(config, {"k": "a.b"}, "legacy") == {"k": "a.b"}
+    # labelmap is not checked at run time in Prometheus, under either scheme
+    labelmap = [{"regex": "k(.*)", "replacement": "x$1", "action": "labelmap"}]
+    assert run(labelmap, {"k.1": "v"}, "legacy") == {"k.1": "v", "x.1": "v"}
+    # source labels are read under UTF-8 whatever the rule's scheme, as Prometheus 3 reads them
+    keep = [{"source_labels": ["a.b"], "regex": "yes", "action": "keep"}]
+    assert run(keep, {"a.b": "yes"}, "legacy") == {"a.b": "yes"}
+    with pytest.raises(RelabelConfigError, match=r"source_labels\[0\]: '\\udc80' is not a valid"):
+        parse_rules([{"source_labels": ["\udc80"], "action": "keep"}], "rules")
+    with pytest.raises(ValueError, match="unknown name validation scheme"):
+        parse_rules([], "rules", validation="strict")  # type: ignore[arg-type]
 
 
 def test_rule_index_counts_from_zero_in_the_list() -> None:
@@ -294,3 +341,17 @@ def test_fast_path_agrees_with_re2(pattern: str, text: str) -> None:
     if a is not None and b is not None:
         for group in range(fast.groups + 1):
             assert a.span(group) == b.span(group)
+
+
+def test_valid_label_set_is_prometheus_3s_check_after_relabeling() -> None:
+    """scrape.go fails a scrape whose relabeled series labels.IsValid refuses under its scheme."""
+    legacy_ok = {"__name__": "job:up:sum", "le": "+Inf", "région_value": ""}
+    assert not valid_label_set(legacy_ok, "legacy")  # a non-legacy label name
+    del legacy_ok["région_value"]
+    assert valid_label_set(legacy_ok, "legacy")  # `:` is allowed in a legacy metric name
+    assert not valid_label_set({"__name__": "edge-value"}, "legacy")
+    assert not valid_label_set({"__name__": "m", "job:x": "1"}, "legacy")  # ...not in a label name
+    assert valid_label_set({"__name__": "edge-value", "utf-8.label": "x", "0": "é"}, "utf8")
+    assert not valid_label_set({"__name__": "m", "": "x"}, "utf8")
+    assert not valid_label_set({"__name__": "m", "a": "\udc80"}, "utf8")  # a value must be UTF-8 too
+    assert not valid_label_set({"__name__": ""}, "utf8")

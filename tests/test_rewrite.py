@@ -154,6 +154,19 @@ def test_a_series_whose_name_the_rules_remove_fails_the_scrape() -> None:
         rewrite_bytes(b'v{kind="one"} 1\nv{kind="nan"} NaN\n', nameless, openmetrics=False)
 
 
+def test_a_name_the_validation_refuses_breaks_the_body_as_prometheus_fails_the_scrape() -> None:
+    """Prometheus checks each series after relabeling under its scheme ("invalid metric name or label
+    names") and fails the whole scrape: under legacy, the rewriter must not serve `edge-value`
+    (which output escaping would otherwise turn into a valid `edge_value`)."""
+    raw = [{"source_labels": ["kind"], "regex": "(.*)", "target_label": "__name__", "replacement": "edge-$1"}]
+    body = b'v{kind="value"} 1\n'
+    legacy = RuleSet(parse_rules(raw, validation="legacy"))
+    with pytest.raises(NamelessSeries, match="legacy validation refuses"):
+        rewrite_bytes(body, legacy, openmetrics=False)
+    utf8 = RuleSet(parse_rules(raw, validation="utf8"))
+    assert rewrite_bytes(body, utf8, openmetrics=False) == b'{"edge-value",kind="value"} 1\n'
+
+
 def test_rules_that_keep_everything_keep_every_sample() -> None:
     capture = without_repeated_metadata(CAPTURE)  # this parser would type the repeat apart
     out = rewrite_bytes(
