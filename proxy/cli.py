@@ -134,6 +134,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 def _cmd_relabel(args: argparse.Namespace) -> int:
     """Apply the rules to an exposition file, as the server would to the same upstream body."""
+    from proxy.escaping import Scheme, escape_lines
     from proxy.rewrite import LineTooLong, NamelessSeries, RuleSet, rewrite_bytes
     from proxy.rules import build_rules
 
@@ -150,6 +151,8 @@ def _cmd_relabel(args: argparse.Namespace) -> int:
         raise ConfigError(f"cannot read {source}: {exc.strerror or exc}") from None
     try:
         output = rewrite_bytes(body, RuleSet(rules), openmetrics=args.format == "openmetrics")
+        # As a scraper that asked for this scheme gets it (whole lines: escape_lines' input).
+        output = escape_lines(output, Scheme(args.escaping))
     except NamelessSeries as exc:
         print(f"{PROG}: error: {exc} (Prometheus fails such a scrape)", file=sys.stderr)
         return EXIT_RUNTIME
@@ -229,6 +232,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         choices=("text", "openmetrics"),
         default="text",
         help="the input's format (the output has the same)",
+    )
+    relabel.add_argument(
+        "--escaping",
+        choices=("allow-utf-8", "underscores", "dots", "values"),
+        default="allow-utf-8",
+        help="write names that are not legacy as a scraper asking for this escaping scheme gets them "
+        "(allow-utf-8: quoted, as Prometheus 3 asks by default; Prometheus 2.x gets underscores)",
     )
     relabel.add_argument("input", nargs="?", default="-", help="exposition file, or - for stdin")
     relabel.set_defaults(func=_cmd_relabel)

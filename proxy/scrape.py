@@ -24,6 +24,14 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.coalesce import NOBODY_LEFT, Cursor, CursorDropped, Flight, FlightFailed, Flights, Head, Refusal
+from proxy.escaping import (
+    Scheme,
+    escape_lines,
+    negotiate,
+    rules_may_make_non_legacy,
+    scraper_content_type,
+    upstream_scheme,
+)
 from proxy.exposition import is_openmetrics
 from proxy.settings import Settings
 from proxy.telemetry import Telemetry
@@ -74,19 +82,34 @@ class ScraperTimedOut(CursorDropped):
 
 
 class ClientWriter:
-    """One scraper's end of the body: its response, and its own gzip stream for rewritten bodies."""
+    """One scraper's end of the body: its response, and its own gzip stream for rewritten bodies.
 
-    __slots__ = ("_compressor", "response", "served")
+    A rewritten body is also escaped for this scraper: its names in the scheme its Accept asked
+    for (escaping.py), said in its Content-Type. A passthrough body is the exporter's, which
+    negotiated escaping with the scraper itself, so it and its headers are left alone.
+    """
 
-    def __init__(self, head: Head, request: web.Request) -> None:
+    __slots__ = ("_compressor", "_escaping", "_families", "response", "served")
+
+    def __init__(self, head: Head, request: web.Request, *, names_may_change: bool = True) -> None:
         self.response = web.StreamResponse(status=head.status)
         headers = self.response.headers
         for name, value in head.headers:
             headers.add(name, value)
         headers["Server"] = SERVER_HEADER
         self._compressor = None
+        self._escaping: Scheme | None = None
+        self._families: dict[str, frozenset[str]] = {}  # escape_lines' memory of this body
         if head.rewritten:
             headers["Vary"] = "Accept-Encoding"
+            content_type = headers.get("Content-Type")
+            negotiated = negotiate(request.headers.get("Accept"), content_type)
+            if negotiated.scheme is not Scheme.ALLOW_UTF8:
+                self._escaping = negotiated.scheme
+            if content_type is not None:
+                headers["Content-Type"] = scraper_content_type(
+                    content_type, negotiated, names_may_change=names_may_change
+                )
             if accepts_gzip(request.headers.get("Accept-Encoding")):
                 headers["Content-Encoding"] = "gzip"
                 if request.method != "HEAD":  # a HEAD answer must not carry even a gzip trailer
@@ -94,6 +117,10 @@ class ClientWriter:
         self.served = 0
 
     async def write(self, data: bytes) -> None:
+        if self._escaping is not None:
+            # The rewriter's pieces are whole lines (Rewriter.feed holds back an unfinished last
+            # line and finish() ends the last one), which escape_lines needs.
+            data = escape_lines(data, self._escaping, self._families)
         if self._compressor is not None:
             data = self._compressor.compress(data)
             if not data:
@@ -120,6 +147,10 @@ class MetricsProxy:
         self.telemetry = telemetry
         self.rules = rules
         self.flights = Flights(settings.coalesce_buffer_bytes)
+        # With rules, the exporter is asked for names in the scheme of the proxy's own name
+        # validation, and each scraper's copy is escaped for it (ClientWriter).
+        self._upstream_escaping = upstream_scheme(settings.name_validation)
+        self._names_may_change = rules is not None and rules_may_make_non_legacy(rules.rules)
         # What can break a body. The rewriter's own errors only exist when rules are set: its
         # modules (2.8 MB) are loaded only then.
         self._body_errors: tuple[type[BaseException], ...] = (aiohttp.ClientError, OSError, TimeoutError)
@@ -147,7 +178,9 @@ class MetricsProxy:
         timeout_header = request.headers.get(SCRAPE_TIMEOUT_HEADER)
         # The scraper's own time: it gets its head and its whole body within it, or is cut off.
         expires = loop.time() + self.upstream.scrape_window(timeout_header)
-        forwarded = forwarded_headers(request.headers, rewriting=self.rules is not None)
+        forwarded = forwarded_headers(
+            request.headers, rewriting=self.rules is not None, escaping=self._upstream_escaping
+        )
         flight, cursor = self._flight(request, forwarded, timeout_header)
         writer: ClientWriter | None = None
         timer: asyncio.TimerHandle | None = None
@@ -159,7 +192,7 @@ class MetricsProxy:
                 return text_response(504, self._late_head(flight))
             if isinstance(head, Refusal):
                 return text_response(head.status, head.text)
-            writer = ClientWriter(head, request)
+            writer = ClientWriter(head, request, names_may_change=self._names_may_change)
             cursor.on_drop = lambda: self._cut(request)  # too far behind: cut now
             # A scraper that stops reading must not hold a flight, or the exporter's single
             # scrape slot, forever: past its own scrape timeout its connection is cut.

@@ -21,6 +21,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver
 
 from proxy import __version__
+from proxy.escaping import Scheme, upstream_accept
 from proxy.exposition import without_protobuf
 from proxy.settings import ConfigError, Settings
 
@@ -63,16 +64,22 @@ class UpstreamFailure(Exception):
         return self.reason
 
 
-def forwarded_headers(scraper: Mapping[str, str], *, rewriting: bool) -> dict[str, str]:
+def forwarded_headers(
+    scraper: Mapping[str, str], *, rewriting: bool, escaping: Scheme | None = None
+) -> dict[str, str]:
     """What the exporter gets from a scraper's request headers.
 
     When the proxy rewrites the body it must be able to read it: no protobuf, and no compression
-    (decompressing costs the proxy more CPU than the bytes cost the pod network).
+    (decompressing costs the proxy more CPU than the bytes cost the pod network). It also asks for
+    names in one escaping scheme, `escaping`, whatever the scraper's: each scraper's copy is escaped
+    for it afterwards (escaping.py), so scrapers differing only in that term share a request.
     """
     headers = {h: scraper[h] for h in FORWARDED_REQUEST_HEADERS if h in scraper}
     if rewriting:
         headers.pop("Accept-Encoding", None)
         accept = without_protobuf(headers.pop("Accept", ""))
+        if accept and escaping is not None:
+            accept = upstream_accept(accept, escaping)
         if accept:
             headers["Accept"] = accept
     return headers

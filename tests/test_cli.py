@@ -249,3 +249,32 @@ def test_name_validation_reaches_check_config_and_the_relabel_dry_run(tmp_path: 
     bad = run_cli("relabel", "--name-validation", "strict", "--config", str(rules), str(body))
     assert bad.returncode == 2
     assert "--name-validation (PROXY_NAME_VALIDATION)" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ((), b'{"win.cpu",a="x","utf-8.label"="x"} 1\n'),
+        (("--escaping", "allow-utf-8"), b'{"win.cpu",a="x","utf-8.label"="x"} 1\n'),
+        (("--escaping", "underscores"), b'win_cpu{a="x",utf_8_label="x"} 1\n'),
+        (("--escaping", "dots"), b'win_dot_cpu{a="x",utf__8_dot_label="x"} 1\n'),
+        (("--escaping", "values"), b'U__win_2e_cpu{a="x",U__utf_2d_8_2e_label="x"} 1\n'),
+    ],
+)
+def test_relabel_dry_run_writes_names_as_the_escaping_scheme_asks(
+    tmp_path: Path, args: tuple[str, ...], expected: bytes
+) -> None:
+    """By default as a Prometheus 3 scraper (allow-utf-8) gets them; --escaping names another scheme."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "metric_relabel_configs:\n"
+        "  - {target_label: __name__, replacement: win.cpu}\n"
+        "  - {source_labels: [a], target_label: utf-8.label}\n"
+    )
+    body = tmp_path / "in.prom"
+    body.write_text('m{a="x"} 1\n')
+    result = run_cli("relabel", *args, "--config", str(rules), str(body))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.encode() == expected
+    bad = run_cli("relabel", "--escaping", "none", "--config", str(rules), str(body))
+    assert bad.returncode == 2
