@@ -129,7 +129,30 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         f"{settings.listen_address}:{settings.listen_port}, {len(rules)} relabel rule(s), "
         f"name validation {settings.name_validation}"
     )
+    if args.capture is not None:
+        print(_pushdown_line(settings, rules, _read_input(args.capture)))
     return 0
+
+
+def _read_input(source: str) -> bytes:
+    try:
+        if source == "-":
+            return sys.stdin.buffer.read()
+        with open(source, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {source}: {exc.strerror or exc}") from None
+
+
+def _pushdown_line(settings: Settings, rules: Sequence[Any], capture: bytes) -> str:
+    """Which collectors a scrape would ask the exporter for, given a full scrape's output."""
+    if not settings.collector_pushdown:
+        return "push-down: off (PROXY_COLLECTOR_PUSHDOWN=false): a scrape asks for every collector"
+    if not rules:
+        return "push-down: off (no relabel rules): a scrape asks for every collector"
+    from proxy.pushdown import Analysis, learn_collectors
+
+    return Analysis(rules).plan(learn_collectors(capture)).describe()
 
 
 def _cmd_relabel(args: argparse.Namespace) -> int:
@@ -141,14 +164,7 @@ def _cmd_relabel(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     rules = build_rules(settings)
     source = args.input
-    try:
-        if source == "-":
-            body = sys.stdin.buffer.read()
-        else:
-            with open(source, "rb") as handle:
-                body = handle.read()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {source}: {exc.strerror or exc}") from None
+    body = _read_input(source)
     try:
         output = rewrite_bytes(body, RuleSet(rules), openmetrics=args.format == "openmetrics")
         # As a scraper that asked for this scheme gets it (whole lines: escape_lines' input).
@@ -161,6 +177,7 @@ def _cmd_relabel(args: argparse.Namespace) -> int:
         return EXIT_RUNTIME
     sys.stdout.buffer.write(output)
     sys.stdout.buffer.flush()
+    print(_pushdown_line(settings, rules, body), file=sys.stderr)  # stdout stays the body
     return 0
 
 
@@ -201,6 +218,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "check-config", help="validate the settings and relabel rules without serving, then exit"
     )
     add_settings_flags(check)
+    check.add_argument(
+        "--capture",
+        metavar="FILE",
+        help="an exporter's full /metrics output: also say which collectors a scrape would ask for",
+    )
     check.set_defaults(func=_cmd_check_config)
 
     relabel = commands.add_parser(

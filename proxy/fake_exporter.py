@@ -7,10 +7,26 @@ its chunked framing built once too.
 A body goes out as windows_exporter's Go server sends it (`proxy.fake_wire`): chunked, in 2048-byte
 chunks written 4 KiB at a time, unless `framing` asks for the data/CRLF split or Content-Length.
 How it still differs from the real exporter: no collector runs, so an answer costs no time unless
-a fault says so and its values never change; the body is a 0.20.0 capture, not a current release's
-(`profile="0.31"` serves a generated exposition with 0.31 names instead, see proxy/data/README.md);
+a fault says so (or the cost MODEL below is turned on) and its values never change; the body is a
+0.20.0 capture, not a current release's (`profile="0.31"` serves a generated exposition with 0.31
+names instead, see proxy/data/README.md);
 and there is no protobuf, no TLS and no basic auth (tests/test_node_exporter.py covers those against
 a real Go exporter).
+
+Collectors, as a MODEL (not a measurement of Windows): every admitted request "runs" the collectors
+it asked for with collect[] (all of them without), and the fake counts each run
+(`collector_runs`, and `windows_fake_collector_runs_total{collector=...}` on /fake/metrics), so a
+test can see which collectors a proxy made it run. A run's modelled cost is the collector's own
+`windows_exporter_collector_duration_seconds` in the served exposition: measured on the host the
+0.20.0 capture came from (netframework_* about 1.4 s each, hyperv 0.9 s, ad 0.77 s, process 0.12 s,
+service 0.10 s), generated plausible values in the 0.31 profile. `modelled_seconds` sums them (the
+node CPU the collectors would cost); with `collector_cost=True` (--collector-cost) an answer also
+waits the longest of them first, since windows_exporter runs its collectors in parallel. Off by
+default, so tests and benchmarks that do not ask for it are not slowed.
+
+Like windows_exporter (client_golang's promhttp with HandlerOpts.ProcessStartTime) every answer
+carries `Process-Start-Time-Unix`: `start_time`, fixed per fake, which a test may change to play an
+exporter restart.
 """
 
 from __future__ import annotations
@@ -25,7 +41,7 @@ import re
 import socket
 import struct
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -213,6 +229,8 @@ class ExporterPayload:
     source: bytes
     families: list[_Family]
     collectors: frozenset[str]
+    # Modelled seconds per collector run: its windows_exporter_collector_duration_seconds value.
+    costs: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, source: bytes) -> ExporterPayload:
@@ -253,13 +271,20 @@ class ExporterPayload:
             for s in f.samples
             if s.collector is not None
         )
+        costs = {
+            s.collector: float(s.rest.split()[0])
+            for f in families
+            if f.name == "windows_exporter_collector_duration_seconds"
+            for s in f.samples
+            if s.collector is not None
+        }
         # Longest name wins so windows_netframework_clrjit_* is not taken by "net".
         by_length = sorted(collectors, key=len, reverse=True)
         names = {family.name for family in families}
         for family in families:
             family.name_for_openmetrics(names)
             family.owner = next((c for c in by_length if family.name.startswith(f"windows_{c}_")), None)
-        return cls(source, families, collectors)
+        return cls(source, families, collectors, costs)
 
     def select(self, names: list[str]) -> frozenset[str] | None:
         """Validate collect[] values; None means every collector, like the real exporter."""
@@ -364,6 +389,7 @@ class FakeExporter:
         framing: Framing = Framing.GO,
         split_pause: float = SPLIT_PAUSE,
         profile: str = DEFAULT_PROFILE,
+        collector_cost: bool = False,
     ) -> None:
         if scale < 1:
             raise ValueError("scale must be >= 1")
@@ -379,6 +405,13 @@ class FakeExporter:
         self.served = 0
         self.rejected = 0
         self.start_time = int(time.time())
+        self.collector_cost = collector_cost
+        self.collector_runs: Counter[str] = Counter()
+        # collect[] names answered 400 as unknown although the exposition has them: an exporter
+        # reconfigured without them, for tests of what a proxy does then.
+        self.refused_collectors: frozenset[str] = frozenset()
+        self.modelled_seconds = 0.0
+        self.sent_bytes = 0  # bodies of complete ordinary answers (what a benchmark compares)
         self._in_flight = 0
         self._pinned: dict[tuple[bool, bool], _Variant] = {}
         self._cache: OrderedDict[tuple[frozenset[str], bool, bool], _Variant] = OrderedDict()
@@ -398,6 +431,7 @@ class FakeExporter:
         app[PAUSES] = set()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/fake/metrics", self._fake_metrics)
         app.on_shutdown.append(_interrupt_pauses)
         return app
 
@@ -405,7 +439,6 @@ class FakeExporter:
         headers = {
             "Content-Type": OPENMETRICS_CONTENT_TYPE if openmetrics else TEXT_CONTENT_TYPE,
             "Vary": "Accept-Encoding",
-            "Process-Start-Time-Unix": str(self.start_time),
         }
         if compress:
             body = gzip.compress(body, compresslevel=6, mtime=0)
@@ -425,9 +458,43 @@ class FakeExporter:
             self._cache.popitem(last=False)
         return built
 
+    def _start_header(self) -> dict[str, str]:
+        return {"Process-Start-Time-Unix": str(self.start_time)}
+
     def _text(self, status: int, text: str) -> web.Response:
-        headers = {"Process-Start-Time-Unix": str(self.start_time)}
-        return web.Response(status=status, text=text, headers=headers)
+        return web.Response(status=status, text=text, headers=self._start_header())
+
+    async def _run_collectors(self, request: web.Request, collectors: frozenset[str] | None) -> None:
+        """The cost MODEL (module docstring): count the runs, add their cost, wait if asked to."""
+        ran = self.payload.collectors if collectors is None else collectors
+        self.collector_runs.update(ran)
+        costs = [self.payload.costs.get(name, 0.0) for name in ran]
+        self.modelled_seconds += sum(costs)
+        if self.collector_cost and costs and max(costs) > 0:
+            await _pause(request, max(costs))
+
+    async def _fake_metrics(self, _request: web.Request) -> web.Response:
+        """The fake's own bookkeeping, for tests and benchmarks (not part of the exporter's API)."""
+        lines = [
+            "# HELP windows_fake_collector_runs_total Collector runs of the fake (a model, see its docs).",
+            "# TYPE windows_fake_collector_runs_total counter",
+        ]
+        lines += [
+            f'windows_fake_collector_runs_total{{collector="{name}"}} {self.collector_runs[name]}'
+            for name in sorted(self.payload.collectors)
+        ]
+        lines += [
+            "# HELP windows_fake_modelled_collector_seconds_total Modelled collector seconds spent.",
+            "# TYPE windows_fake_modelled_collector_seconds_total counter",
+            f"windows_fake_modelled_collector_seconds_total {self.modelled_seconds!r}",
+            "# HELP windows_fake_sent_bytes_total Body bytes of the ordinary answers sent.",
+            "# TYPE windows_fake_sent_bytes_total counter",
+            f"windows_fake_sent_bytes_total {self.sent_bytes}",
+            "# HELP windows_fake_scrapes_total Requests to /metrics.",
+            "# TYPE windows_fake_scrapes_total counter",
+            f"windows_fake_scrapes_total {self.scrapes}",
+        ]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
         self.scrapes += 1
@@ -438,7 +505,11 @@ class FakeExporter:
             except ValueError:
                 return self._text(400, f'unknown fault "{request.query["fault"]}"\n')
         try:
-            collectors = self.payload.select(request.query.getall("collect[]", []))
+            asked = request.query.getall("collect[]", [])
+            for name in asked:
+                if name in self.refused_collectors:
+                    raise UnknownCollectorError(name)
+            collectors = self.payload.select(asked)
         except UnknownCollectorError as exc:
             return self._text(400, f"couldn't create filtered metrics handler: {exc}\n")
         limit = self.max_concurrent
@@ -447,6 +518,7 @@ class FakeExporter:
             return self._text(503, f"Limit of concurrent requests reached ({limit}), try again later.\n")
         self._in_flight += 1
         try:
+            await self._run_collectors(request, collectors)
             return await self._answer(request, fault, collectors)
         except _ConnectionDropped:
             # aiohttp only fails to send this (quietly); raising would log a traceback as ERROR.
@@ -480,9 +552,11 @@ class FakeExporter:
         if fault is Fault.CORRUPT_GZIP:
             variant = corrupted(variant)
         self.served += 1
+        if request.method != "HEAD":
+            self.sent_bytes += len(variant.body)
         body = _Body(self, request)
         if not body.unsized(len(variant.body)):
-            return web.Response(body=variant.body, headers=variant.headers)
+            return web.Response(body=variant.body, headers={**variant.headers, **self._start_header()})
         response = await body.start(variant.headers, len(variant.body))
         await body.send_whole(variant.body)
         return response
@@ -581,6 +655,7 @@ class _Body:
     async def start(self, headers: dict[str, str], length: int | None) -> web.StreamResponse:
         request, response = self._request, self._response
         response.headers.update(headers)
+        response.headers.update(self._exporter._start_header())
         if not self.unsized(length):
             response.content_length = length
         elif request.version >= HttpVersion11 and request.method != "HEAD":
@@ -761,6 +836,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--split-pause", type=_at_least(0.0, float), default=SPLIT_PAUSE, help="seconds, for --framing split"
     )
+    parser.add_argument(
+        "--collector-cost",
+        action="store_true",
+        help="wait each answer's modelled collector time (the longest duration in the served "
+        "exposition's windows_exporter_collector_duration_seconds among the collectors run)",
+    )
     add_profile_argument(parser)
 
 
@@ -785,6 +866,7 @@ async def serve_from_args(args: argparse.Namespace, stop: asyncio.Event) -> None
         framing=Framing(args.framing),
         split_pause=args.split_pause,
         profile=getattr(args, "profile", DEFAULT_PROFILE),
+        collector_cost=getattr(args, "collector_cost", False),
     )
     runner = await run_fake_exporter(exporter, args.listen_address, args.listen_port)
     try:

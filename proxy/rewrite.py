@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import zlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -512,9 +512,20 @@ def _size(count: int) -> str:
 class BodyRewrite:
     """gunzip (when the exporter compressed) then rewrite; what the app feeds upstream chunks to."""
 
-    def __init__(self, rules: RuleSet, *, openmetrics: bool, gzipped: bool, line_cap: int = LINE_CAP) -> None:
+    def __init__(
+        self,
+        rules: RuleSet,
+        *,
+        openmetrics: bool,
+        gzipped: bool,
+        line_cap: int = LINE_CAP,
+        tap: Callable[[bytes], None] | None = None,
+    ) -> None:
         self.rewriter = Rewriter(rules, openmetrics=openmetrics, line_cap=line_cap)
         self._inflate = zlib.decompressobj(wbits=47) if gzipped else None  # 32+15: gzip or zlib
+        # Sees the exporter's decompressed body before the rules (push-down learns the enabled
+        # collectors from it); set only on the few scrapes that learn.
+        self._tap = tap
 
     @property
     def stats(self) -> RewriteStats:
@@ -526,6 +537,8 @@ class BodyRewrite:
                 chunk = self._inflate.decompress(chunk)
             except zlib.error as exc:
                 raise BrokenBody(f"corrupt gzip stream: {exc}") from exc
+        if self._tap is not None:
+            self._tap(chunk)
         return self.rewriter.feed(chunk)
 
     def finish(self) -> bytes:
@@ -536,6 +549,8 @@ class BodyRewrite:
                 raise BrokenBody(f"corrupt gzip stream: {exc}") from exc
             if not self._inflate.eof:
                 raise BrokenBody("gzip stream ended early")
+            if self._tap is not None and tail:
+                self._tap(tail)
             return self.rewriter.feed(tail) + self.rewriter.finish()
         return self.rewriter.finish()
 

@@ -45,6 +45,7 @@ from proxy.upstream import (
 )
 
 if TYPE_CHECKING:
+    from proxy.pushdown import CollectorLearner, Decision, PushDown
     from proxy.rewrite import BodyRewrite, RuleSet
 
 log = logging.getLogger("proxy.scrape")
@@ -53,6 +54,9 @@ SERVER_HEADER = f"windows-metrics-proxy/{__version__}"
 # Rewritten bodies are gzipped for scrapers that accept it. Level 1: metrics text still shrinks
 # about tenfold, for a fraction of the CPU of the default level on a busy Windows node.
 GZIP_LEVEL = 1
+# windows_exporter's start time (client_golang promhttp HandlerOpts.ProcessStartTime): a new value
+# means a restarted exporter, whose collectors push-down must learn again.
+START_TIME_HEADER = "Process-Start-Time-Unix"
 # Headers that describe the exporter's bytes, which a rewritten body no longer is.
 _ENCODING_HEADERS = frozenset({"content-length", "content-encoding", "vary"})
 
@@ -147,6 +151,13 @@ class MetricsProxy:
         self.telemetry = telemetry
         self.rules = rules
         self.flights = Flights(settings.coalesce_buffer_bytes)
+        # collect[] push-down (pushdown.py): with rules, the exporter is asked only for the
+        # collectors whose series they can keep. The analysis runs once, here and per learned set.
+        self.pushdown: PushDown | None = None
+        if rules is not None and settings.collector_pushdown:
+            from proxy.pushdown import Analysis, PushDown
+
+            self.pushdown = PushDown(Analysis(rules.rules), settings.collector_refresh)
         # With rules, the exporter is asked for names in the scheme of the proxy's own name
         # validation, and each scraper's copy is escaped for it (ClientWriter).
         self._upstream_escaping = upstream_scheme(settings.name_validation)
@@ -226,10 +237,15 @@ class MetricsProxy:
     ) -> tuple[Flight, Cursor]:
         """The flight this scrape reads: a running one for the same upstream request, or a new one."""
         key: Hashable | None = None
+        query = request.rel_url.raw_query_string
+        decision: Decision | None = None
+        if self.pushdown is not None:
+            decision = self.pushdown.decide(query, time.monotonic())
+            query = decision.query
         if self.settings.coalesce and request.method == "GET":
             # Scrapes are identical when the exporter would be sent the same request.
             key = (
-                request.rel_url.raw_query_string,
+                query,
                 forwarded.get("Accept"),
                 forwarded.get("Accept-Encoding"),
             )
@@ -240,7 +256,7 @@ class MetricsProxy:
         deadline = self.upstream.deadline(timeout_header)
 
         async def read(flight: Flight) -> None:
-            await self._read(flight, request.method, request.rel_url.raw_query_string, forwarded, deadline)
+            await self._read(flight, request.method, query, forwarded, deadline, decision)
 
         return self.flights.start(key, read)
 
@@ -268,11 +284,12 @@ class MetricsProxy:
         raw_query: str,
         headers: dict[str, str],
         deadline: float,
+        decision: Decision | None = None,
     ) -> None:
         """The flight's reader: ask the exporter once, publish its (rewritten) body, count once."""
         started = time.perf_counter()
         try:
-            upstream = await self.upstream.request(method, raw_query, headers, deadline)
+            upstream, learner = await self._ask(method, raw_query, headers, deadline, decision)
         except UpstreamFailure as failure:
             self._count(failure.outcome, failure.reason, log_level=logging.WARNING)
             text = f"{failure.status} {failure.reason} (upstream {self.upstream.url})"
@@ -305,6 +322,7 @@ class MetricsProxy:
                         self.rules,  # type: ignore[arg-type]
                         openmetrics=is_openmetrics(upstream.headers.get("Content-Type")),
                         gzipped=upstream.headers.get("Content-Encoding", "").lower() == "gzip",
+                        tap=learner.feed if learner is not None else None,
                     )
             flight.set_head(Head(upstream.status, tuple(response_head), rewritten=rewriting))
             content = upstream.content
@@ -358,6 +376,66 @@ class MetricsProxy:
             self._count("success", None)
         else:
             self._count("http_error", f"exporter answered {upstream.status}", log_level=logging.INFO)
+        if learner is not None and transform is not None:
+            self._learned(learner, upstream.headers.get(START_TIME_HEADER))
+
+    async def _ask(
+        self, method: str, raw_query: str, headers: dict[str, str], deadline: float, decision: Decision | None
+    ) -> tuple[aiohttp.ClientResponse, CollectorLearner | None]:
+        """Send the request; a narrowed one the exporter refuses (400: it lacks a collector now) or
+        that a restarted exporter answers is asked again in full, within the same deadline: no
+        scraper has seen its head yet. The response comes with a learner when its body is to be
+        read for the enabled collectors."""
+        upstream = await self.upstream.request(method, raw_query, headers, deadline)
+        pushdown = self.pushdown
+        if pushdown is None or decision is None:
+            return upstream, None
+        learn = decision.learn
+        if decision.plan is not None:
+            self.telemetry.narrowed_scrapes.inc()
+            reason = None
+            if upstream.status == 400:
+                reason = "rejected"
+            elif not pushdown.same_exporter(upstream.headers.get(START_TIME_HEADER)):
+                reason = "restarted"
+            if reason is not None:
+                upstream.close()
+                pushdown.forget()
+                self.telemetry.narrowing_retries.labels(reason).inc()
+                self.telemetry.pushdown_collectors.set(0)
+                log.info(
+                    "push-down: narrowed request %s, asking again in full and re-learning",
+                    reason,
+                    extra={"fields": {"reason": reason, "upstream": self.upstream.url}},
+                )
+                upstream = await self.upstream.request(method, decision.full, headers, deadline)
+                learn = True
+        if learn and method == "GET" and upstream.status == 200:
+            from proxy.pushdown import CollectorLearner
+
+            return upstream, CollectorLearner()
+        return upstream, None
+
+    def _learned(self, learner: CollectorLearner, start_time: str | None) -> None:
+        """A full scrape's body is complete: record its collectors; log when the plan changes."""
+        assert self.pushdown is not None
+        self.telemetry.learning_scrapes.inc()
+        plan = self.pushdown.learned(learner.finish(), start_time, time.monotonic())
+        current = self.pushdown.plan
+        self.telemetry.pushdown_collectors.set(len(current.asked or ()) if current is not None else 0)
+        if plan is None:
+            return
+        fields = {"enabled": len(plan.enabled), "upstream": self.upstream.url}
+        if plan.asked is not None:
+            log.info(
+                "push-down: asking the exporter for collect[]=%s (%d of %d enabled collectors not run)",
+                ",".join(plan.asked),
+                len(plan.enabled) - len(plan.asked),
+                len(plan.enabled),
+                extra={"fields": {**fields, "collectors": ",".join(plan.asked)}},
+            )
+        else:
+            log.info("push-down: scraping in full: %s", plan.reason, extra={"fields": fields})
 
     def _count(self, outcome: str, reason: str | None, log_level: int = logging.DEBUG) -> None:
         self.telemetry.upstream_requests.labels(outcome).inc()

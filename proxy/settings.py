@@ -150,6 +150,17 @@ class Settings(BaseSettings):
         description="How relabel rules' label names are validated: 'utf8' as Prometheus 3 does by "
         "default, or 'legacy' as Prometheus 2.x (and 3.x with metric_name_validation_scheme: legacy).",
     )
+    collector_pushdown: bool = Field(
+        default=True,
+        description="With rules set and no collect[] in the scrape, ask the exporter only for the "
+        "collectors whose series the rules can keep (the output is the same).",
+    )
+    collector_refresh: float = Field(
+        default=300.0,
+        gt=0,
+        description="Seconds between the full scrapes that re-learn the exporter's collectors for "
+        "push-down (a restarted exporter is re-learned at once).",
+    )
     relabel_cache_size: int = Field(
         default=50_000,
         ge=1,

@@ -8,6 +8,11 @@ created), which doubles the counters' series for a number no dashboard of this p
 library's only switch, disable_created_metrics(), is process-global; render() leaves them out of
 this registry's output instead, so nothing else in the process is changed.
 
+collect[] push-down (pushdown.py) is seen in narrowed_scrapes (upstream requests narrowed to the
+collectors the rules can keep), learning_scrapes (full ones read to learn the exporter's collectors),
+narrowing_retries{reason} (narrowed requests asked again in full: refused with 400, or the exporter
+had restarted) and the pushdown_collectors gauge (collectors a narrowed scrape asks for, 0 when none).
+
 process_* series: prometheus-client's ProcessCollector on Linux, which reads /proc; on Windows,
 which has none, winprocess.WindowsProcessCollector over the Win32 API.
 """
@@ -157,6 +162,35 @@ class Telemetry:
         self.relabel_cache_series = Gauge(
             f"{PREFIX}_relabel_cache_series",
             "Series whose relabel outcome is cached.",
+            registry=r,
+        )
+
+        # collect[] push-down (pushdown.py): how often scrapes are narrowed, the full scrapes that
+        # learn the exporter's collectors, and narrowed requests retried in full.
+        self.narrowed_scrapes = Counter(
+            f"{PREFIX}_narrowed_scrapes",
+            "Upstream requests sent with collect[] narrowed to the collectors the rules can keep "
+            "(PROXY_COLLECTOR_PUSHDOWN).",
+            registry=r,
+        )
+        self.learning_scrapes = Counter(
+            f"{PREFIX}_learning_scrapes",
+            "Full upstream requests read to learn the exporter's enabled collectors: the first "
+            "scrape with rules, every PROXY_COLLECTOR_REFRESH seconds, and after a retry.",
+            registry=r,
+        )
+        self.narrowing_retries = Counter(
+            f"{PREFIX}_narrowing_retries",
+            "Narrowed upstream requests asked again in full within the same scrape: the exporter "
+            "answered 400 (rejected) or had restarted since it was learned (restarted).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("rejected", "restarted"):
+            self.narrowing_retries.labels(reason)
+        self.pushdown_collectors = Gauge(
+            f"{PREFIX}_pushdown_collectors",
+            "Collectors a narrowed scrape asks the exporter for; 0 while scrapes are not narrowed.",
             registry=r,
         )
 

@@ -126,7 +126,14 @@ async def test_exporter_errors_pass_through_unchanged(relabeling: TestClient) ->
     assert "nosuch" in await response.text()
 
 
-async def test_self_metrics_count_samples_and_cache_hits(relabeling: TestClient) -> None:
+async def test_self_metrics_count_samples_and_cache_hits(
+    make_proxy: ProxyFactory, fake_server: TestServer, rules_file: Path
+) -> None:
+    # Push-down off, so both scrapes read the whole capture (with it on the second one is narrowed
+    # to the kept collectors: tests/test_app_pushdown.py).
+    relabeling = await make_proxy(
+        port=fake_server.port, relabel_config=str(rules_file), collector_pushdown=False
+    )
     await relabeling.get("/metrics")
     await (await relabeling.get("/metrics")).read()
     text = await (await relabeling.get("/proxy/metrics")).text()

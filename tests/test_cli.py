@@ -278,3 +278,40 @@ def test_relabel_dry_run_writes_names_as_the_escaping_scheme_asks(
     assert result.stdout.encode() == expected
     bad = run_cli("relabel", "--escaping", "none", "--config", str(rules), str(body))
     assert bad.returncode == 2
+
+
+# -- collect[] push-down: what a scrape would ask for, given a capture (proxy/pushdown.py) -----------
+
+PUSHDOWN_KEEP = (
+    "metric_relabel_configs:\n  - source_labels: [__name__]\n    action: keep\n    regex: "
+    "windows_cpu_time_total|windows_memory_.*|windows_os_.*\n"
+)
+PROFILE_031 = Path(__file__).parent.parent / "proxy" / "data" / "windows_exporter-0.31-profile.prom"
+
+
+def test_check_config_and_the_relabel_dry_run_say_which_collectors_a_scrape_asks_for(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(PUSHDOWN_KEEP)
+    line = "push-down: a scrape would ask for collect[]=cpu,memory,os (6 of 9 enabled collectors not run)"
+    check = run_cli(
+        "check-config", "--hostip", "127.0.0.1", "--relabel-config", str(rules), "--capture", str(PROFILE_031)
+    )
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.splitlines()[-1] == line
+    dry = run_cli("relabel", "--config", str(rules), str(PROFILE_031))
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stderr.strip() == line
+    assert "push-down" not in dry.stdout  # stdout stays the rewritten body
+    assert dry.stdout.startswith("# HELP windows_cpu_time_total")
+    off = run_cli(
+        "relabel", "--config", str(rules), str(PROFILE_031), env={"PROXY_COLLECTOR_PUSHDOWN": "false"}
+    )
+    assert "push-down: off (PROXY_COLLECTOR_PUSHDOWN=false)" in off.stderr
+    rules.write_text(PUSHDOWN_KEEP.replace("windows_os_.*", "windows_os_.*|windows_exporter_.*"))
+    impossible = run_cli(
+        "check-config", "--hostip", "127.0.0.1", "--relabel-config", str(rules), "--capture", str(PROFILE_031)
+    )
+    assert impossible.stdout.splitlines()[-1] == (
+        "push-down: a scrape would ask for every collector "
+        "(the rules can keep windows_exporter_collector_success)"
+    )

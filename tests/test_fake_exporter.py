@@ -844,3 +844,50 @@ def test_readme_keep_list_names_exist_in_031() -> None:
             if pattern == "windows_.*":
                 continue
             assert any(re.fullmatch(pattern, n) for n in names), (regex, pattern)
+
+
+# -- the collector cost MODEL and the restart knob (for collect[] push-down) -----------------------------
+
+
+async def test_collector_runs_are_counted_and_exposed(serve: Serve) -> None:
+    cli, fake = await serve()
+    await (await cli.get("/metrics", headers=IDENTITY)).read()
+    await (await cli.get("/metrics?collect[]=cpu&collect[]=service", headers=IDENTITY)).read()
+    assert fake.collector_runs["cpu"] == 2
+    assert fake.collector_runs["service"] == 2
+    assert fake.collector_runs["hyperv"] == 1
+    assert sum(fake.collector_runs.values()) == len(fake.payload.collectors) + 2
+    # The model's costs are the capture's own collector durations.
+    assert fake.modelled_seconds == pytest.approx(sum(fake.payload.costs.values()) + 0.00052 + 0.1016404)
+    text = await (await cli.get("/fake/metrics")).text()
+    assert 'windows_fake_collector_runs_total{collector="cpu"} 2\n' in text
+    assert 'windows_fake_collector_runs_total{collector="hyperv"} 1\n' in text
+    assert f"windows_fake_sent_bytes_total {fake.sent_bytes}\n" in text
+    assert fake.sent_bytes > len(CAPTURE)
+
+
+async def test_collector_cost_waits_the_longest_collector_when_asked(serve: Serve) -> None:
+    cli, _ = await serve(collector_cost=True)
+    started = time.monotonic()
+    await (await cli.get("/metrics?collect[]=service")).read()
+    assert time.monotonic() - started >= 0.1016404 - 0.01  # service's duration in the capture
+    started = time.monotonic()
+    await (await cli.get("/metrics?collect[]=cpu")).read()
+    assert time.monotonic() - started < 0.1  # cpu: 0.52 ms
+
+
+async def test_start_time_header_follows_start_time_and_refused_collectors_are_400(serve: Serve) -> None:
+    cli, fake = await serve()
+    first = await cli.get("/metrics")
+    await first.read()
+    fake.start_time += 60
+    second = await cli.get("/metrics?collect[]=cpu")
+    await second.read()
+    assert (
+        int(second.headers["Process-Start-Time-Unix"]) == int(first.headers["Process-Start-Time-Unix"]) + 60
+    )
+    fake.refused_collectors = frozenset({"cpu"})
+    refused = await cli.get("/metrics?collect[]=os&collect[]=cpu")
+    assert refused.status == 400
+    assert 'collector "cpu" not found' in await refused.text()
+    assert refused.headers["Process-Start-Time-Unix"] == str(fake.start_time)
