@@ -204,7 +204,7 @@ class MetricsProxy:
             if isinstance(head, Refusal):
                 return text_response(head.status, head.text)
             writer = ClientWriter(head, request, names_may_change=self._names_may_change)
-            cursor.on_drop = lambda: self._cut(request)  # too far behind: cut now
+            cursor.on_drop = lambda: self._cut(request, "fell_behind")  # too far behind: cut now
             # A scraper that stops reading must not hold a flight, or the exporter's single
             # scrape slot, forever: past its own scrape timeout its connection is cut.
             timer = loop.call_at(expires, self._cut_off, request, cursor)
@@ -217,7 +217,7 @@ class MetricsProxy:
         except CursorDropped:
             return web.Response(status=499)  # cut off (and counted) when it was dropped
         except FlightFailed:
-            self.telemetry.client_aborts.inc()
+            self.telemetry.client_aborts.labels("upstream_broke").inc()
             abort(request)
             return writer.response if writer is not None else web.Response(status=499)
         except (ConnectionError, RuntimeError):
@@ -263,11 +263,11 @@ class MetricsProxy:
     def _cut_off(self, request: web.Request, cursor: Cursor) -> None:
         """The scraper's own time ran out: it will not get a whole body any more."""
         cursor.close(ScraperTimedOut("the scraper did not read its body within its scrape timeout"))
-        self._cut(request)
+        self._cut(request, "scraper_timeout")
 
-    def _cut(self, request: web.Request) -> None:
+    def _cut(self, request: web.Request, reason: str) -> None:
         """Cut one scraper off (its time ran out, or it fell too far behind), and count it."""
-        self.telemetry.client_aborts.inc()
+        self.telemetry.client_aborts.labels(reason).inc()
         abort(request)
 
     def _late_head(self, flight: Flight) -> str:
@@ -292,6 +292,8 @@ class MetricsProxy:
             upstream, learner = await self._ask(method, raw_query, headers, deadline, decision)
         except UpstreamFailure as failure:
             self._count(failure.outcome, failure.reason, log_level=logging.WARNING)
+            if failure.outcome == "header_timeout":
+                self.telemetry.upstream_deadline_ratio.observe((time.perf_counter() - started) / deadline)
             text = f"{failure.status} {failure.reason} (upstream {self.upstream.url})"
             flight.set_head(Refusal(failure.status, text))
             return
@@ -354,6 +356,8 @@ class MetricsProxy:
         except self._body_errors as exc:
             outcome, reason = body_failure(exc, deadline)
             self._count(outcome, reason, log_level=logging.WARNING)
+            if outcome == "body_timeout":
+                self.telemetry.upstream_deadline_ratio.observe((time.perf_counter() - started) / deadline)
             raise FlightFailed(reason) from exc
         except asyncio.CancelledError as exc:
             self._count("cancelled", _cancel_reason(exc))
@@ -371,7 +375,9 @@ class MetricsProxy:
                 upstream.close()
             if transform is not None:
                 self._count_rewrite(transform)
-        self.telemetry.upstream_last_byte.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.telemetry.upstream_last_byte.observe(elapsed)
+        self.telemetry.upstream_deadline_ratio.observe(elapsed / deadline)
         if 200 <= upstream.status < 300:
             self._count("success", None)
         else:

@@ -70,7 +70,7 @@ class RunningProxy:
                     connection.force_close()  # idle keep-alive: a request sent now would hang
         if not await in_flight.drain(self.shutdown_timeout):
             scrapes, others = await in_flight.abort(UNWIND_TIMEOUT)
-            app[TELEMETRY_KEY].client_aborts.inc(scrapes)
+            app[TELEMETRY_KEY].client_aborts.labels("stopped").inc(scrapes)
             log.warning(
                 "stop budget spent: aborted what was in flight",
                 extra={

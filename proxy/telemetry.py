@@ -60,6 +60,10 @@ OUTCOMES = (
     "cancelled",  # every scraper went away before the response was complete, or the proxy stopped
 )
 
+# Why a scraper's connection was cut (client_aborts_total{reason}); README lists them.
+ABORT_REASONS = ("upstream_broke", "scraper_timeout", "fell_behind", "stopped")
+_DEADLINE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+
 # Scrape latencies of a windows_exporter sit between tens of milliseconds and the timeout.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -135,9 +139,22 @@ class Telemetry:
         )
         self.client_aborts = Counter(
             f"{PREFIX}_client_aborts",
-            "Scraper connections aborted on purpose: the upstream body broke off, the scraper did "
-            "not read within its scrape timeout, it fell too far behind a shared flight, or the "
-            "proxy stopped before the scrape was complete (PROXY_SHUTDOWN_TIMEOUT ran out).",
+            "Scraper connections aborted on purpose, by reason: upstream_broke (the exporter's body "
+            "broke off or could not be rewritten), scraper_timeout (the scraper did not read within "
+            "its scrape timeout), fell_behind (a coalesced scraper too far behind its shared flight), "
+            "stopped (the proxy stopped before the scrape was complete).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ABORT_REASONS:
+            self.client_aborts.labels(reason)
+        # How close scrapes run to their timeout, whatever the scraper's timeout is: an alert on a
+        # fixed number of seconds would be wrong for every job with another scrape_timeout.
+        self.upstream_deadline_ratio = Histogram(
+            f"{PREFIX}_upstream_deadline_ratio",
+            "Time to the exporter's last byte as a share of the scrape's upstream deadline "
+            "(the scraper's timeout less PROXY_SCRAPE_TIMEOUT_MARGIN); 1 means the deadline ran out.",
+            buckets=_DEADLINE_BUCKETS,
             registry=r,
         )
 

@@ -210,7 +210,7 @@ async def test_a_line_over_the_cap_aborts_and_is_counted_as_line_too_long(
     total = "windows_metrics_proxy_upstream_requests_total"
     assert sample_value(text, total, 'outcome="line_too_long"') == 1
     assert sample_value(text, total, 'outcome="body_error"') == 0
-    assert sample_value(text, "windows_metrics_proxy_client_aborts_total") == 1
+    assert sample_value(text, "windows_metrics_proxy_client_aborts_total", 'reason="upstream_broke"') == 1
     [record] = [r for r in caplog.records if getattr(r, "fields", {}).get("outcome") == "line_too_long"]
     assert "a line longer than 1 MiB (1048576 bytes)" in record.fields["reason"]  # type: ignore[attr-defined]
 

@@ -352,7 +352,10 @@ async def test_slow_body_past_the_deadline(proxy_for: ProxyFor, exporter: Export
         assert len(result.body) < len(EXPECTED[mode])
     await case.assert_counted("body_timeout", exactly_one=True)
     text = await case.self_metrics()
-    assert sample_value(text, "windows_metrics_proxy_client_aborts_total") == case.scrapers
+    assert (
+        sample_value(text, "windows_metrics_proxy_client_aborts_total", 'reason="upstream_broke"')
+        == case.scrapers
+    )
     await case.assert_next_scrape_is_normal()
 
 
@@ -365,7 +368,10 @@ async def test_reset_mid_body(proxy_for: ProxyFor, exporter: Exporter, mode: str
     count = await case.assert_counted("body_error")
     assert "body broke off" in case.records("body_error")[0].fields["reason"]  # type: ignore[attr-defined]
     text = await case.self_metrics()
-    assert sample_value(text, "windows_metrics_proxy_client_aborts_total") == case.scrapers
+    assert (
+        sample_value(text, "windows_metrics_proxy_client_aborts_total", 'reason="upstream_broke"')
+        == case.scrapers
+    )
     assert exporter.fake.scrapes == count
     await case.assert_next_scrape_is_normal()
 
@@ -577,8 +583,8 @@ async def test_slow_follower_does_not_make_the_proxy_hold_the_body(make_proxy: P
     async with raw_server(script) as upstream:
         client = await make_proxy(port=upstream.port)  # coalescing, with the default 2 MiB buffer
 
-        async def metric(name: str) -> float:
-            return sample_value(await (await client.get("/proxy/metrics")).text(), name)
+        async def metric(name: str, labels: str = "") -> float:
+            return sample_value(await (await client.get("/proxy/metrics")).text(), name, labels)
 
         async def coalesced() -> bool:
             return await metric("windows_metrics_proxy_coalesced_scrapes_total") == 1
@@ -588,7 +594,7 @@ async def test_slow_follower_does_not_make_the_proxy_hold_the_body(make_proxy: P
 
         warm_up = await client.get("/metrics", headers=LONG)  # pools and buffers as a scrape leaves them
         assert (warm_up.status, await warm_up.read()) == (200, CAPTURE)
-        aborts = await metric("windows_metrics_proxy_client_aborts_total")
+        aborts = await metric("windows_metrics_proxy_client_aborts_total", 'reason="fell_behind"')
         gc.collect()
         baseline = rss()
         leader_done = asyncio.Event()
@@ -628,7 +634,9 @@ async def test_slow_follower_does_not_make_the_proxy_hold_the_body(make_proxy: P
                     if task is not None and not task.done():
                         task.cancel()
         assert len(upstream.requests) == 2  # the warm-up, and one request shared by both scrapes
-        assert await metric("windows_metrics_proxy_client_aborts_total") == aborts + 1  # the follower
+        assert (
+            await metric("windows_metrics_proxy_client_aborts_total", 'reason="fell_behind"') == aborts + 1
+        )  # the follower
     assert led == length
     # Cut off, visibly (never a short body that looks whole), and far short of the body: what it
     # got is at most the allowed backlog plus what the socket buffers held, not the 128 MiB.

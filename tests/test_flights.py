@@ -153,7 +153,7 @@ async def test_an_unexpected_exception_breaks_every_scraper(
     for status, received, error, _ in results:
         assert status == 200
         assert error is not None, f"a clean body of {received} bytes"
-    assert sample_value(text, "windows_metrics_proxy_client_aborts_total") == 3
+    assert sample_value(text, "windows_metrics_proxy_client_aborts_total", 'reason="upstream_broke"') == 3
     assert sample_value(text, "windows_metrics_proxy_upstream_requests_total", 'outcome="body_error"') == 1
 
 
@@ -247,7 +247,9 @@ async def test_followers_are_served_within_their_own_deadlines(make_proxy: Proxy
         assert short_took < 1.6, short_took  # its own deadline, from the moment it asked
         for task in (leader, long):
             assert (await task)[:3] == (200, len(body), None)
-        assert await metric(client, "windows_metrics_proxy_client_aborts_total") == 1
+        assert (
+            await metric(client, "windows_metrics_proxy_client_aborts_total", 'reason="scraper_timeout"') == 1
+        )
         assert len(upstream.requests) == 1
 
 
@@ -274,7 +276,8 @@ async def test_followers_of_a_failed_exporter_are_counted_once_each(make_proxy: 
         for outcome in ("protocol_error", "connect_error")
     )
     assert failures == 1  # one upstream request, counted once
-    assert sample_value(text, "windows_metrics_proxy_client_aborts_total") == 0  # a 502 cuts nothing
+    for reason in ("upstream_broke", "scraper_timeout", "fell_behind", "stopped"):  # a 502 cuts nothing
+        assert sample_value(text, "windows_metrics_proxy_client_aborts_total", f'reason="{reason}"') == 0
 
 
 async def test_an_unexpected_error_asking_the_exporter_is_one_502_for_everyone(

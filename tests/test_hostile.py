@@ -691,7 +691,7 @@ async def test_a_client_that_stops_reading_is_cut_off_at_the_deadline() -> None:
     def state() -> tuple[int, float, float, float]:
         """(the exporter's scrapes in flight, the proxy's, client aborts, upstream requests counted)"""
         counted = sum(served.outcome(o) for o in ("success", "body_timeout", "cancelled", "body_error"))
-        aborts = served.metric("windows_metrics_proxy_client_aborts_total")
+        aborts = served.metric("windows_metrics_proxy_client_aborts_total", reason="scraper_timeout")
         return fake.in_flight, served.metric("windows_metrics_proxy_scrapes_in_flight"), aborts, counted
 
     async with serving(fake, scrape_timeout=1, shutdown_timeout=0.5) as served:

@@ -211,7 +211,9 @@ async def test_the_budget_aborts_a_shared_scrape_and_cancels_its_pumps(
     assert not in_flight.handlers
     assert not in_flight.background
     assert upstream.connections == 1  # one shared upstream request
-    assert sample("windows_metrics_proxy_client_aborts_total") == 1  # the follower's connection
+    assert (
+        sample("windows_metrics_proxy_client_aborts_total", {"reason": "stopped"}) == 1
+    )  # the follower's connection
     assert sample("windows_metrics_proxy_upstream_requests_total", {"outcome": "cancelled"}) == 1
     assert sample("windows_metrics_proxy_scrapes_in_flight") == 0
     aborted = [r for r in caplog.records if r.getMessage() == "stop budget spent: aborted what was in flight"]

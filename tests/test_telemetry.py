@@ -13,12 +13,15 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from proxy import winprocess
+from proxy.fake_exporter import FakeExporter, Fault
 from proxy.telemetry import Telemetry
+from proxy.upstream import SCRAPE_TIMEOUT_HEADER
 from proxy.winprocess import FILETIME, PROCESS_MEMORY_COUNTERS, WindowsProcessCollector
+from tests.conftest import ProxyFactory
 from tests.test_app import PROMETHEUS_ACCEPT, sample_value
 
 # --- no _created series -----------------------------------------------------------------------------
@@ -46,6 +49,25 @@ async def test_self_metrics_have_no_created_series_but_counters_and_histograms_r
     assert "# TYPE windows_metrics_proxy_upstream_requests counter" in om
     assert sample_value(om, "windows_metrics_proxy_upstream_requests_total", 'outcome="success"') == 1
     assert sample_value(om, f"{first_byte}_count") == 1
+
+
+async def test_deadline_ratio_says_how_much_of_the_scrape_timeout_the_exporter_took(
+    make_proxy: ProxyFactory, fake_server: TestServer, fake: FakeExporter
+) -> None:
+    """The alert on scrapes close to their timeout reads this ratio, so it holds for any job's
+    scrape_timeout: 0.5 s of a 2 s scrape (a 1.75 s deadline after the 0.25 s margin) is ~0.29."""
+    fake.fault = Fault.LATENCY
+    fake.latency = 0.5
+    proxy = await make_proxy(port=fake_server.port)
+    response = await proxy.get("/metrics", headers={SCRAPE_TIMEOUT_HEADER: "2"})
+    assert response.status == 200
+    await response.read()
+    text = await (await proxy.get("/proxy/metrics")).text()
+    ratio = "windows_metrics_proxy_upstream_deadline_ratio"
+    assert sample_value(text, f"{ratio}_count") == 1
+    assert 0.5 / 1.75 <= sample_value(text, f"{ratio}_sum") < 0.5
+    assert sample_value(text, f"{ratio}_bucket", 'le="0.25"') == 0
+    assert sample_value(text, f"{ratio}_bucket", 'le="0.5"') == 1
 
 
 def test_created_series_are_left_out_per_registry_not_for_the_whole_process() -> None:
