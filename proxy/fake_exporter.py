@@ -24,6 +24,18 @@ node CPU the collectors would cost); with `collector_cost=True` (--collector-cos
 waits the longest of them first, since windows_exporter runs its collectors in parallel. Off by
 default, so tests and benchmarks that do not ask for it are not slowed.
 
+A failing collector (`failing_collectors`, --failing-collector, `?fail_collector=`) is served as
+windows_exporter serves one whose Collect returned an error: its
+`windows_exporter_collector_success{collector=...}` is 0 and none of its own series are there (the
+real one may have sent some before the error; none is the case an alert must catch anyway).
+
+Values that move, as a MODEL (`advancing=True`, --advancing): counters grow with time since the fake
+started, so rates in a dashboard or an alert are not all zero. windows_cpu_time_total grows by a
+made-up mix per core (idle 0.72 s/s, user 0.14, privileged 0.09, interrupt 0.03, dpc 0.02); every
+other counter by 0.025 % to 0.1 % of its captured value per second (at least 1 per second), fixed
+per series. Gauges, histograms and summaries keep their captured values. Each answer is rendered
+anew, so this mode is for live demos and the monitoring kit's live test, not for benchmarks.
+
 Like windows_exporter (client_golang's promhttp with HandlerOpts.ProcessStartTime) every answer
 carries `Process-Start-Time-Unix`: `start_time`, fixed per fake, which a test may change to play an
 exporter restart.
@@ -41,9 +53,10 @@ import re
 import socket
 import struct
 import time
+import zlib
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 
 from aiohttp import web
 from aiohttp.http_writer import HttpVersion11, StreamWriter
@@ -73,6 +86,7 @@ PROFILES = {"0.20": CAPTURE_NAME, "0.31": "windows_exporter-0.31-profile.prom"}
 DEFAULT_PROFILE = "0.20"
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+SUCCESS_FAMILY = "windows_exporter_collector_success"
 # The real exporter filters these per collector, so a collect[] scrape must not report the others.
 STATUS_FAMILIES = frozenset(
     {
@@ -286,6 +300,20 @@ class ExporterPayload:
             family.owner = next((c for c in by_length if family.name.startswith(f"windows_{c}_")), None)
         return cls(source, families, collectors, costs)
 
+    def advanced(self, seconds: float) -> ExporterPayload:
+        """This payload `seconds` later: counters grown at their modelled rates (--advancing)."""
+        families = [
+            replace(
+                family,
+                samples=[_advanced(s, family, seconds) for s in family.samples]
+                if family.type == "counter"
+                else family.samples,
+            )
+            for family in self.families
+        ]
+        source = "".join(f.header + "".join(s.raw for s in f.samples) for f in families).encode("utf-8")
+        return replace(self, source=source, families=families)
+
     def select(self, names: list[str]) -> frozenset[str] | None:
         """Validate collect[] values; None means every collector, like the real exporter."""
         if not names:
@@ -295,15 +323,24 @@ class ExporterPayload:
                 raise UnknownCollectorError(name)
         return frozenset(names)
 
-    def render(self, *, collectors: frozenset[str] | None, openmetrics: bool, scale: int) -> bytes:
-        if collectors is None and not openmetrics and scale == 1:
+    def render(
+        self,
+        *,
+        collectors: frozenset[str] | None,
+        openmetrics: bool,
+        scale: int,
+        failing: frozenset[str] = frozenset(),
+    ) -> bytes:
+        if collectors is None and not openmetrics and scale == 1 and not failing:
             return self.source
         groups: dict[str, tuple[_Family, list[_Sample]]] = {}
         for index, family in enumerate(self.families):
             if collectors is not None and family.owner not in (None, *collectors):
                 continue
+            if family.owner in failing:
+                continue
             samples = [
-                s
+                _failed(s) if s.collector in failing and family.name == SUCCESS_FAMILY else s
                 for s in family.samples
                 if collectors is None or s.collector is None or s.collector in collectors
             ]
@@ -331,6 +368,36 @@ class ExporterPayload:
         if openmetrics:
             out.append("# EOF\n")
         return "".join(out).encode("utf-8")
+
+
+def _failed(sample: _Sample) -> _Sample:
+    """A collector_success sample turned to 0, as the exporter reports a collector that failed."""
+    labels = "" if sample.labels is None else f"{{{sample.labels}}}"
+    return replace(sample, raw=f"{sample.name}{labels} 0\n", rest=" 0\n")
+
+
+# --advancing: windows_cpu_time_total's growth per core, in CPU seconds per second, by mode (a model).
+CPU_MODE_RATES = {"idle": 0.72, "user": 0.14, "privileged": 0.09, "interrupt": 0.03, "dpc": 0.02}
+_MODE_LABEL = re.compile(r'(?:^|,)mode="([^"]*)"')
+
+
+def _advanced(sample: _Sample, family: _Family, seconds: float) -> _Sample:
+    """A counter sample as it reads `seconds` after the capture, at its modelled rate."""
+    value_text, _, after = sample.rest.strip(" ").partition(" ")
+    try:
+        value = float(value_text)
+    except ValueError:
+        return sample
+    if family.name == "windows_cpu_time_total":
+        mode = _MODE_LABEL.search(sample.labels or "")
+        rate = CPU_MODE_RATES.get(mode[1] if mode else "", 0.0)
+    else:
+        spread = zlib.crc32(sample.raw.encode()) % 1000 / 1000  # fixed per series, 0 to 1
+        rate = max(abs(value), 1000.0) * (0.00025 + 0.00075 * spread)
+    text = repr(value + rate * seconds)
+    rest = f" {text} {after}" if after.strip() else f" {text}\n"
+    labels = "" if sample.labels is None else f"{{{sample.labels}}}"
+    return replace(sample, raw=f"{sample.name}{labels}{rest}", rest=rest)
 
 
 @functools.cache
@@ -390,6 +457,8 @@ class FakeExporter:
         split_pause: float = SPLIT_PAUSE,
         profile: str = DEFAULT_PROFILE,
         collector_cost: bool = False,
+        advancing: bool = False,
+        failing_collectors: Iterable[str] = (),
     ) -> None:
         if scale < 1:
             raise ValueError("scale must be >= 1")
@@ -406,15 +475,23 @@ class FakeExporter:
         self.rejected = 0
         self.start_time = int(time.time())
         self.collector_cost = collector_cost
+        self.advancing = advancing
+        self._born = time.monotonic()
         self.collector_runs: Counter[str] = Counter()
         # collect[] names answered 400 as unknown although the exposition has them: an exporter
         # reconfigured without them, for tests of what a proxy does then.
         self.refused_collectors: frozenset[str] = frozenset()
+        # Collectors answered as failed (success 0, no series of their own); tests may change it
+        # while the fake serves.
+        self.failing_collectors: set[str] = set(failing_collectors)
+        self._check_collectors(self.failing_collectors)
         self.modelled_seconds = 0.0
         self.sent_bytes = 0  # bodies of complete ordinary answers (what a benchmark compares)
         self._in_flight = 0
         self._pinned: dict[tuple[bool, bool], _Variant] = {}
-        self._cache: OrderedDict[tuple[frozenset[str], bool, bool], _Variant] = OrderedDict()
+        self._cache: OrderedDict[tuple[frozenset[str] | None, bool, bool, frozenset[str]], _Variant] = (
+            OrderedDict()
+        )
         # Full scrapes are what benchmarks hit: build them now, never on a measured request.
         for openmetrics in (False, True):
             body = self.payload.render(collectors=None, openmetrics=openmetrics, scale=scale)
@@ -445,14 +522,34 @@ class FakeExporter:
             headers["Content-Encoding"] = "gzip"
         return _Variant(body, headers)
 
-    def variant(self, collectors: frozenset[str] | None, *, openmetrics: bool, compress: bool) -> _Variant:
-        if collectors is None:
+    def _check_collectors(self, names: Iterable[str]) -> None:
+        for name in names:
+            if name not in self.payload.collectors:
+                raise UnknownCollectorError(name)
+
+    def variant(
+        self,
+        collectors: frozenset[str] | None,
+        *,
+        openmetrics: bool,
+        compress: bool,
+        failing: frozenset[str] = frozenset(),
+    ) -> _Variant:
+        if self.advancing:  # values move: rendered anew every time, never cached
+            payload = self.payload.advanced(time.monotonic() - self._born)
+            body = payload.render(
+                collectors=collectors, openmetrics=openmetrics, scale=self.scale, failing=failing
+            )
+            return self._wrap(body, openmetrics, compress)
+        if collectors is None and not failing:
             return self._pinned[openmetrics, compress]
-        key = (collectors, openmetrics, compress)
+        key = (collectors, openmetrics, compress, failing)
         if (cached := self._cache.get(key)) is not None:
             self._cache.move_to_end(key)
             return cached
-        body = self.payload.render(collectors=collectors, openmetrics=openmetrics, scale=self.scale)
+        body = self.payload.render(
+            collectors=collectors, openmetrics=openmetrics, scale=self.scale, failing=failing
+        )
         self._cache[key] = built = self._wrap(body, openmetrics, compress)
         if len(self._cache) > VARIANT_CACHE_SIZE:
             self._cache.popitem(last=False)
@@ -505,6 +602,14 @@ class FakeExporter:
             except ValueError:
                 return self._text(400, f'unknown fault "{request.query["fault"]}"\n')
         try:
+            failing = frozenset(self.failing_collectors)
+            if "fail_collector" in request.query:
+                asked_failing = request.query.getall("fail_collector")
+                self._check_collectors(asked_failing)
+                failing |= frozenset(asked_failing)
+        except UnknownCollectorError as exc:
+            return self._text(400, f"unknown fail_collector: {exc}\n")
+        try:
             asked = request.query.getall("collect[]", [])
             for name in asked:
                 if name in self.refused_collectors:
@@ -519,7 +624,7 @@ class FakeExporter:
         self._in_flight += 1
         try:
             await self._run_collectors(request, collectors)
-            return await self._answer(request, fault, collectors)
+            return await self._answer(request, fault, collectors, failing)
         except _ConnectionDropped:
             # aiohttp only fails to send this (quietly); raising would log a traceback as ERROR.
             return web.Response(status=499)
@@ -527,7 +632,11 @@ class FakeExporter:
             self._in_flight -= 1
 
     async def _answer(
-        self, request: web.Request, fault: Fault, collectors: frozenset[str] | None
+        self,
+        request: web.Request,
+        fault: Fault,
+        collectors: frozenset[str] | None,
+        failing: frozenset[str] = frozenset(),
     ) -> web.StreamResponse:
         if fault is Fault.ERROR:
             return self._text(500, "fake windows_exporter: injected error\n")
@@ -541,7 +650,8 @@ class FakeExporter:
         compress = _wants_gzip(request.headers.get("Accept-Encoding", ""))
         if fault is Fault.CORRUPT_GZIP:
             compress = True  # like a broken exporter or middlebox, whatever the client accepts
-        variant = self.variant(collectors, openmetrics=openmetrics, compress=compress)
+        ran = self.payload.collectors if collectors is None else collectors
+        variant = self.variant(collectors, openmetrics=openmetrics, compress=compress, failing=failing & ran)
         # Body faults need a body: a HEAD answer must not carry one, so it is served normally.
         if fault is Fault.SLOW_BODY and request.method != "HEAD":
             return await self._slow_body(request, variant)
@@ -837,10 +947,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--split-pause", type=_at_least(0.0, float), default=SPLIT_PAUSE, help="seconds, for --framing split"
     )
     parser.add_argument(
+        "--advancing",
+        action="store_true",
+        help="counters grow with time at modelled rates (CPU by a typical mode mix), so rates are "
+        "not all zero; every answer is rendered anew (for demos, not benchmarks)",
+    )
+    parser.add_argument(
         "--collector-cost",
         action="store_true",
         help="wait each answer's modelled collector time (the longest duration in the served "
         "exposition's windows_exporter_collector_duration_seconds among the collectors run)",
+    )
+    parser.add_argument(
+        "--failing-collector",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="answer as if this collector failed (its collector_success 0, its series absent); repeatable",
     )
     add_profile_argument(parser)
 
@@ -857,17 +980,22 @@ def add_profile_argument(parser: argparse.ArgumentParser) -> None:
 
 
 async def serve_from_args(args: argparse.Namespace, stop: asyncio.Event) -> None:
-    exporter = FakeExporter(
-        scale=args.scale,
-        max_concurrent=args.max_concurrent,
-        fault=Fault(args.fault),
-        latency=args.latency,
-        huge_bytes=args.huge_bytes,
-        framing=Framing(args.framing),
-        split_pause=args.split_pause,
-        profile=getattr(args, "profile", DEFAULT_PROFILE),
-        collector_cost=getattr(args, "collector_cost", False),
-    )
+    try:
+        exporter = FakeExporter(
+            scale=args.scale,
+            max_concurrent=args.max_concurrent,
+            fault=Fault(args.fault),
+            latency=args.latency,
+            huge_bytes=args.huge_bytes,
+            framing=Framing(args.framing),
+            split_pause=args.split_pause,
+            profile=getattr(args, "profile", DEFAULT_PROFILE),
+            collector_cost=getattr(args, "collector_cost", False),
+            advancing=getattr(args, "advancing", False),
+            failing_collectors=getattr(args, "failing_collector", ()),
+        )
+    except UnknownCollectorError as exc:  # names depend on --profile, so argparse cannot check them
+        raise SystemExit(f"fake-exporter: --failing-collector: {exc}") from None
     runner = await run_fake_exporter(exporter, args.listen_address, args.listen_port)
     try:
         host = args.listen_address

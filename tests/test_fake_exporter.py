@@ -13,7 +13,7 @@ import json
 import re
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -407,24 +407,39 @@ async def test_run_fake_exporter_on_port_0() -> None:
         await runner.cleanup()
 
 
+@contextlib.asynccontextmanager
+async def served_from_args(capsys: pytest.CaptureFixture[str], argv: list[str]) -> AsyncIterator[str]:
+    """`fake-exporter ARGV` running in this loop; yields the URL it printed, stops it after."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--listen-port", "0", *argv])
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve_from_args(args, stop))
+    try:
+        out = ""
+        for _ in range(200):
+            if out := capsys.readouterr().out:
+                break
+            await asyncio.sleep(0.005)
+        match = re.fullmatch(r"fake windows_exporter listening on (http://127\.0\.0\.1:\d+/metrics)\n", out)
+        assert match, out
+        yield match[1]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 1)
+
+
 async def test_serve_from_args(capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--listen-port", "0", "--scale", "2", "--latency", "0.05"])
     assert (args.listen_address, args.max_concurrent, args.fault) == ("127.0.0.1", 1, "none")
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve_from_args(args, stop))
-    out = ""
-    for _ in range(200):
-        if out := capsys.readouterr().out:
-            break
-        await asyncio.sleep(0.005)
-    match = re.fullmatch(r"fake windows_exporter listening on (http://127\.0\.0\.1:\d+/metrics)\n", out)
-    assert match, out
-    async with aiohttp.ClientSession() as session, session.get(match[1], headers=IDENTITY) as response:
+    async with (
+        served_from_args(capsys, ["--scale", "2", "--latency", "0.05"]) as url,
+        aiohttp.ClientSession() as session,
+        session.get(url, headers=IDENTITY) as response,
+    ):
         assert len(samples(await response.read())) == 2 * CAPTURE_SAMPLES
-    stop.set()
-    await asyncio.wait_for(task, 1)
 
 
 @pytest.mark.parametrize("argv", [["--scale", "0"], ["--max-concurrent", "-1"], ["--fault", "x"]])
@@ -891,3 +906,132 @@ async def test_start_time_header_follows_start_time_and_refused_collectors_are_4
     assert refused.status == 400
     assert 'collector "cpu" not found' in await refused.text()
     assert refused.headers["Process-Start-Time-Unix"] == str(fake.start_time)
+
+
+# --- A failing collector, as windows_exporter reports one -----------------------------------------
+
+
+def collector_success(body: bytes) -> dict[str, float]:
+    return {
+        sample.labels["collector"]: sample.value
+        for family in text_format_families(body.decode())
+        if family.name == "windows_exporter_collector_success"
+        for sample in family.samples
+    }
+
+
+@pytest.mark.parametrize("profile", ["0.20", "0.31"])
+async def test_a_failing_collector_reports_0_and_serves_none_of_its_series(
+    serve: Serve, profile: str
+) -> None:
+    cli, fake = await serve(profile=profile, failing_collectors=["cpu"])
+    body = await (await cli.get("/metrics", headers=IDENTITY)).read()
+    success = collector_success(body)
+    assert success["cpu"] == 0
+    assert {name for name, value in success.items() if value != 1} == {"cpu"}
+    assert "\nwindows_cpu_" not in body.decode()
+    assert "\nwindows_memory_" in body.decode()  # the others are served as usual
+    # the status families keep cpu's line (duration too), as the real exporter does
+    assert re.search(r'^windows_exporter_collector_duration_seconds\{collector="cpu"\}', body.decode(), re.M)
+    # and it can be changed while serving
+    fake.failing_collectors.clear()
+    body = await (await cli.get("/metrics", headers=IDENTITY)).read()
+    assert set(collector_success(body).values()) == {1}
+    assert "\nwindows_cpu_" in body.decode()
+
+
+async def test_fail_collector_query_parameter(serve: Serve) -> None:
+    cli, fake = await serve(failing_collectors=["memory"])
+    response = await cli.get("/metrics?fail_collector=cpu&fail_collector=os", headers=IDENTITY)
+    assert response.status == 200
+    success = collector_success(await response.read())
+    assert {name for name, value in success.items() if value == 0} == {"cpu", "os", "memory"}
+    # per request only: the next scrape has the process-wide one alone
+    success = collector_success(await (await cli.get("/metrics")).read())
+    assert {name for name, value in success.items() if value == 0} == {"memory"}
+    # with collect[], only a failing collector that was asked for is reported
+    body = await (await cli.get("/metrics?collect[]=cpu&fail_collector=cpu")).read()
+    assert collector_success(body) == {"cpu": 0}
+    assert "\nwindows_cpu_" not in body.decode()
+    # OpenMetrics too, and still a valid exposition
+    response = await cli.get("/metrics?fail_collector=cpu", headers={"Accept": PROMETHEUS_ACCEPT})
+    families = {f.name: f for f in text_string_to_metric_families((await response.read()).decode())}
+    (cpu,) = [
+        s for s in families["windows_exporter_collector_success"].samples if s.labels["collector"] == "cpu"
+    ]
+    assert cpu.value == 0
+    assert not any(name.startswith("windows_cpu_") for name in families)
+    # an unknown collector is refused, like an unknown fault
+    response = await cli.get("/metrics?fail_collector=nosuch")
+    assert response.status == 400
+    assert "nosuch" in await response.text()
+    assert fake.failing_collectors == {"memory"}
+
+
+def test_failing_collector_flag_is_repeatable() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).failing_collector == []
+    args = parser.parse_args(["--failing-collector", "cpu", "--failing-collector", "os"])
+    assert args.failing_collector == ["cpu", "os"]
+    with pytest.raises(ValueError, match="nosuch"):
+        FakeExporter(failing_collectors=["nosuch"])
+
+
+async def test_an_unknown_failing_collector_flag_is_a_one_line_error() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--listen-port", "0", "--profile", "0.31", "--failing-collector", "mssql"])
+    with pytest.raises(SystemExit, match='--failing-collector: collector "mssql" not found'):
+        await serve_from_args(args, asyncio.Event())  # 0.31's profile has no mssql collector
+
+
+async def test_failing_collector_flag_reaches_the_exporter(capsys: pytest.CaptureFixture[str]) -> None:
+    async with (
+        served_from_args(capsys, ["--failing-collector", "os"]) as url,
+        aiohttp.ClientSession() as session,
+        session.get(url) as response,
+    ):
+        success = collector_success(await response.read())
+    assert {name for name, value in success.items() if value == 0} == {"os"}
+
+
+@pytest.mark.parametrize("profile", ["0.20", "0.31"])
+def test_advancing_counters_grow_at_their_modelled_rates_and_gauges_stay(profile: str) -> None:
+    """--advancing: the live monitoring test needs rates that are not all zero (CPU utilisation of
+    1 - idle would read 100 % otherwise); gauges, and the body's shape, stay as captured."""
+    from proxy.fake_exporter import CPU_MODE_RATES
+
+    fake = FakeExporter(advancing=True, profile=profile)
+    before = fake.variant(None, openmetrics=False, compress=False).body.decode()
+    fake._born -= 10.0  # ten seconds later
+    after = fake.variant(None, openmetrics=False, compress=False).body.decode()
+
+    def values(body: str) -> dict[str, float]:
+        return {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in body.splitlines()
+            if line and not line.startswith("#")
+        }
+
+    def types(body: str) -> dict[str, str]:
+        return {line.split()[2]: line.split()[3] for line in body.splitlines() if line.startswith("# TYPE ")}
+
+    old, new, kinds = values(before), values(after), types(before)
+    assert old.keys() == new.keys()
+    assert [line for line in before.splitlines() if line.startswith("#")] == [
+        line for line in after.splitlines() if line.startswith("#")
+    ]
+    grown = 0
+    for series, value in old.items():
+        name = series.split("{", 1)[0]
+        if kinds.get(name) == "counter":
+            assert new[series] > value, series
+            grown += 1
+            if name == "windows_cpu_time_total":
+                mode = series.split('mode="', 1)[1].split('"', 1)[0]
+                assert new[series] - value == pytest.approx(10 * CPU_MODE_RATES[mode], rel=0.05)
+        elif kinds.get(name) == "gauge":
+            assert new[series] == value, series
+    assert grown > 100
+    assert not FakeExporter(profile=profile).advancing  # off by default: bodies stay cached
