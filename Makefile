@@ -42,3 +42,10 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 
 bench: $(BENCH_STAMP) system-deps
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+## The README's dashboard pictures (docs/images/dashboard-*.png): the live monitoring test run with a
+## minute of healthy scrapes, its renderings of the dashboards' queries written there.
+.PHONY: dashboard-images
+
+dashboard-images: $(STAMP) system-deps
+	RENDER_DASHBOARDS=docs/images $(BIN)/python -m pytest -q tests/test_monitoring_live.py
