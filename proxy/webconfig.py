@@ -62,6 +62,7 @@ FAILURE_RATE = 1.0
 # How often the throttling is logged while it goes on.
 THROTTLE_LOG_INTERVAL = 60.0
 _BCRYPT_COST = re.compile(rb"^\$2[aby]\$(\d\d)\$")
+_BCRYPT_HASH = re.compile(r"\$2[aby]\$(?:0[4-9]|[12]\d|3[01])\$[./A-Za-z0-9]{53}\Z")
 
 
 class WebConfigError(ValueError):
@@ -182,8 +183,13 @@ def _users(section: Any) -> dict[str, bytes]:
     for user, hashed in section.items():
         if not isinstance(user, str) or not user or ":" in user:
             raise WebConfigError(f"{where}: {user!r} is not a valid user name")
-        if not isinstance(hashed, str) or not hashed.startswith(("$2a$", "$2b$", "$2y$")):
-            raise WebConfigError(f"{where}.{user}: must be a bcrypt hash ($2a$, $2b$ or $2y$)")
+        # The whole form, not only the prefix: a truncated or mangled hash makes bcrypt raise at
+        # the first login, which would answer every request 500 instead of stopping at start.
+        if not isinstance(hashed, str) or not _BCRYPT_HASH.match(hashed):
+            raise WebConfigError(
+                f"{where}.{user}: must be a bcrypt hash ($2a$, $2b$ or $2y$, a cost from 04 to 31, "
+                "then 53 characters of [./A-Za-z0-9])"
+            )
         users[user] = hashed.encode()
     return users
 

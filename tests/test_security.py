@@ -404,6 +404,14 @@ async def test_health_auth_when_asked(tmp_path: Path, exporter: int) -> None:
         ("tls_server_config:\n  cert_file: a.crt\n  key_file: a.key\n", "is not a readable file"),
         ("http_server_config:\n  http2: false\n", "http_server_config: not supported"),
         ("basic_auth_users:\n  u: plaintext\n", "must be a bcrypt hash"),
+        # A bcrypt prefix on a truncated or mangled hash: bcrypt would raise at the first login
+        # (a 500 for every request), so it is refused at start with the user named.
+        ("basic_auth_users:\n  u: $2b$10$tooshort\n", r"basic_auth_users\.u: must be a bcrypt hash"),
+        (
+            "basic_auth_users:\n  u: $2b$99$" + "a" * 53 + "\n",
+            r"basic_auth_users\.u: must be a bcrypt hash",
+        ),
+        ("basic_auth_users:\n  u: $2b$10$" + "!" * 53 + "\n", r"basic_auth_users\.u: must be a bcrypt hash"),
         ("tls_server_config: [1]\n", "must be a mapping"),
         ("a: [", "YAML"),
     ],
