@@ -39,6 +39,8 @@ BOM = b"\xef\xbb\xbf"
 # are a few KiB (a service's or a process's labels); a line of a megabyte is an exporter gone wrong,
 # and past this the scrape fails with LineTooLong instead of the proxy buffering without limit.
 LINE_CAP = 1 << 20
+# The most a gzipped body is inflated at once (BodyRewrite.feed).
+INFLATE_STEP = 1 << 20
 _FILTERS = frozenset({"keep", "drop", "keepequal", "dropequal"})
 EOF_LINE = b"# EOF"
 
@@ -532,14 +534,25 @@ class BodyRewrite:
         return self.rewriter.stats
 
     def feed(self, chunk: bytes) -> bytes:
-        if self._inflate is not None:
+        if self._inflate is None:
+            if self._tap is not None:
+                self._tap(chunk)
+            return self.rewriter.feed(chunk)
+        # At most INFLATE_STEP bytes inflated at a time, each rewritten before the next: a small
+        # compressed chunk can inflate a thousandfold (a 256 KB chunk of newlines held 2.5 GB
+        # whole and split), and a step at a time the line cap also stops a bomb without newlines
+        # after its first megabyte.
+        out: list[bytes] = []
+        while chunk:
             try:
-                chunk = self._inflate.decompress(chunk)
+                piece = self._inflate.decompress(chunk, INFLATE_STEP)
             except zlib.error as exc:
                 raise BrokenBody(f"corrupt gzip stream: {exc}") from exc
-        if self._tap is not None:
-            self._tap(chunk)
-        return self.rewriter.feed(chunk)
+            chunk = self._inflate.unconsumed_tail
+            if self._tap is not None:
+                self._tap(piece)
+            out.append(self.rewriter.feed(piece))
+        return b"".join(out)
 
     def finish(self) -> bytes:
         if self._inflate is not None:

@@ -588,3 +588,39 @@ def test_random_bytes_never_crash_the_rewriter(data: bytes, cuts: list[int]) -> 
 def test_zlib_streams_are_accepted_too() -> None:
     body = BodyRewrite(keep(".*"), openmetrics=False, gzipped=True)
     assert body.feed(zlib.compress(b"up 1\n")) + body.finish() == b"up 1\n"
+
+
+def test_a_gzip_bomb_is_inflated_a_step_at_a_time() -> None:
+    """A small compressed chunk can inflate a thousandfold: the rewriter must never hold it whole.
+
+    64 MiB of newlines compress to about 64 KB, one upstream chunk. Inflated a step at a time the
+    peak stays a few MiB; before, it was the whole body and the list of its split lines (640 MiB).
+    Memory, not time, is asserted: tracemalloc counts what Python allocated."""
+    import tracemalloc
+
+    bomb = zlib.compressobj(9, zlib.DEFLATED, 31)
+    body = bomb.compress(b"\n" * (64 << 20)) + bomb.flush()
+    assert len(body) < 1 << 20
+    transform = BodyRewrite(
+        RuleSet(parse_rules([{"regex": "x", "action": "labeldrop"}])), openmetrics=False, gzipped=True
+    )
+    tracemalloc.start()
+    try:
+        out = transform.feed(body) + transform.finish()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out == b""
+    assert peak < 32 << 20, f"peak {peak >> 20} MiB"
+
+
+def test_a_gzip_bomb_without_newlines_fails_at_the_line_cap_not_at_its_size() -> None:
+    bomb = zlib.compressobj(9, zlib.DEFLATED, 31)
+    body = bomb.compress(b"x" * (64 << 20)) + bomb.flush()
+    transform = BodyRewrite(
+        RuleSet(parse_rules([{"regex": "x", "action": "labeldrop"}])), openmetrics=False, gzipped=True
+    )
+    with pytest.raises(LineTooLong):
+        transform.feed(body)
+    inflated = transform._inflate.unconsumed_tail  # what is left was never inflated
+    assert len(inflated) > 0
