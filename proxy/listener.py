@@ -8,7 +8,7 @@
   request head is read, it is answered 503 and closed gracefully, so the answer really arrives.
 - A header-read timeout (PROXY_HEADER_TIMEOUT): a client must finish each request head within it,
   or the connection is closed. aiohttp waits forever for a head trickled in a byte at a time
-  (slowloris).
+  (slowloris). On a TLS listener the handshake gets the same time.
 - A cap on a request head's total size (64 KiB): a larger one gets 431 and the connection closes.
 
 Each accepted connection's protocol is aiohttp's own, wrapped: events pass straight through, so
@@ -328,11 +328,17 @@ async def listen(
     guard: ConnectionGuard, address: str, port: int, ssl_context: ssl.SSLContext | None
 ) -> asyncio.AbstractServer:
     loop = asyncio.get_running_loop()
+    # A TLS client has no request head until its handshake is done, so the header timeout cannot
+    # reach one that never finishes it: the handshake gets the same time (asyncio's default is
+    # 60 s, a minute of socket and TLS state per silent connection).
+    tls: dict[str, Any] = {}
+    if ssl_context is not None:
+        tls = {"ssl": ssl_context, "ssl_handshake_timeout": guard.header_timeout}
     return await loop.create_server(
         guard,
         host=listen_hosts(address),
         port=port,
-        ssl=ssl_context,
+        **tls,
         # reuse_address stays at asyncio's default: on POSIX, a restart can rebind at once; on
         # Windows, SO_REUSEADDR would let another process bind the same port, so it stays off.
         backlog=1024,

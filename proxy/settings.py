@@ -110,7 +110,8 @@ class Settings(BaseSettings):
     header_timeout: float = Field(
         default=10.0,
         gt=0,
-        description="Seconds a client has to send a complete request head (stops slowloris).",
+        description="Seconds a client has to send a complete request head, and to finish a TLS "
+        "handshake (stops slowloris).",
     )
     web_config_file: str | None = Field(
         default=None,

@@ -555,3 +555,26 @@ async def test_handshake_failures_do_not_stop_the_listener(tmp_path: Path, pki: 
         assert (await fetch(f"https://{LOOPBACK}:{proxy.port}/health", ssl=client_context(pki)))[0] == 200
     finally:
         await proxy.close()
+
+
+async def test_a_tls_handshake_that_never_comes_is_closed_after_the_header_timeout(
+    tmp_path: Path, pki: PKI, exporter: int
+) -> None:
+    """A client that connects to the TLS port and sends nothing holds a socket and a TLS object
+    before any request head exists, so the header timeout never applies to it: asyncio's own
+    handshake timeout (60 s) did. The handshake now gets PROXY_HEADER_TIMEOUT too."""
+    proxy = await proxy_with(tmp_path, exporter, tls_config(pki), header_timeout=0.5)
+    try:
+        reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
+        started = time.monotonic()
+        try:
+            closed = await asyncio.wait_for(reader.read(100), timeout=5)
+        except ConnectionResetError:
+            closed = b""
+        took = time.monotonic() - started
+        writer.close()
+        assert closed == b""  # closed by the server, nothing sent
+        assert 0.4 <= took < 3, took
+        assert (await fetch(f"https://{LOOPBACK}:{proxy.port}/health", ssl=client_context(pki)))[0] == 200
+    finally:
+        await proxy.close()
