@@ -19,7 +19,6 @@ import importlib.resources
 import importlib.util
 import re
 import subprocess
-from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -30,6 +29,7 @@ import pytest
 import yaml
 
 from proxy.telemetry import Telemetry
+from tests import monitoring_kit as kit
 from tests.conftest import require_binary, require_module
 from tests.test_deploy_manifests import MANIFESTS, ROOT, kustomize, one, rendered, write_kustomization
 
@@ -302,77 +302,15 @@ class Parsed:
     grouping: set[str] = field(default_factory=set)  # labels in by/without/on/ignoring/group_*
 
 
-_TOKEN = re.compile(
-    r"""
-    (?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|`[^`]*`)
-    |(?P<range>\[[^\]]*\])
-    |(?P<duration>\d+(?:ms|[smhdwy])(?:\d+(?:ms|[smhdwy]))*)
-    |(?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)
-    |(?P<ident>[A-Za-z_:][A-Za-z0-9_:]*)
-    |(?P<op>=~|!~|!=|==|>=|<=|[-+*/%^<>=(){},])
-    |(?P<space>\s+|\#[^\n]*)
-    """,
-    re.VERBOSE,
-)
-_GROUPING = {"by", "without", "on", "ignoring", "group_left", "group_right"}
-# Aggregations take `by (...)` before their parenthesis, so they are not always followed by one.
-_AGGREGATIONS = {"sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values"}
-_KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan", "atan2", "topk", "bottomk", "quantile"}
-_KEYWORDS |= _AGGREGATIONS
-
-
-def tokens(expr: str) -> list[tuple[str, str]]:
-    out, pos = [], 0
-    while pos < len(expr):
-        match = _TOKEN.match(expr, pos)
-        assert match, f"cannot tokenize {expr[pos : pos + 20]!r} in {expr!r}"
-        pos = match.end()
-        if match.lastgroup != "space":
-            out.append((match.lastgroup or "", match[0]))
-    return out
-
-
 def parse(expr: str) -> Parsed:
-    """The selectors and grouping labels of a PromQL expression (enough for the rules here)."""
-    toks, parsed, i = tokens(expr), Parsed(), 0
-
-    def at(k: int) -> str:
-        return toks[k][1] if k < len(toks) else ""
-
-    while i < len(toks):
-        kind, text = toks[i]
-        if kind == "ident" and text in _GROUPING:
-            if at(i + 1) == "(":
-                i += 2
-                while at(i) != ")":
-                    assert toks[i][0] == "ident" or at(i) == ",", (expr, at(i))
-                    if toks[i][0] == "ident":
-                        parsed.grouping.add(toks[i][1])
-                    i += 1
-            i += 1
-        elif kind == "ident" and (at(i + 1) == "(" or text in _KEYWORDS):
-            i += 1  # a function or an aggregation, or an operator keyword
-        elif kind == "ident" or (kind == "op" and text == "{"):
-            name = text if kind == "ident" else ""
-            if kind == "ident":
-                i += 1
-            matchers: dict[str, tuple[str, str]] = {}
-            if at(i) == "{":
-                i += 1
-                while at(i) != "}":
-                    label, op, value = toks[i], at(i + 1), toks[i + 2]
-                    assert label[0] == "ident", (expr, label)
-                    assert value[0] == "string", (expr, value)
-                    matchers[label[1]] = (op, value[1][1:-1])
-                    i += 3
-                    if at(i) == ",":
-                        i += 1
-                i += 1
-            assert name, f"a selector without a metric name in {expr!r}"
-            parsed.selectors.append(Selector(name, matchers))
-        else:
-            i += 1
-    return parsed
+    """The selectors and grouping labels of a PromQL expression, read by the dashboards' reader
+    (tests/monitoring_kit.py), so the rules and the dashboards are checked by one tokenizer."""
+    found = [
+        Selector(s.name, {label: (op, value) for label, op, value in s.matchers}) for s in kit.selectors(expr)
+    ]
+    for selector in found:
+        assert selector.name, f"a selector without a metric name in {expr!r}"
+    return Parsed(found, kit.grouping_labels(expr))
 
 
 def selectors(expr: str) -> list[Selector]:
@@ -384,14 +322,13 @@ def known_series() -> dict[str, dict[str, set[str]]]:
     """Every metric name served, with its labels and their values: /proxy/metrics and both payloads."""
     texts = [Telemetry().render(None)[0].decode()]
     texts += [(importlib.resources.files("proxy") / "data" / p).read_text() for p in PAYLOADS]
-    series: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    series: dict[str, dict[str, set[str]]] = {"up": {}}  # Prometheus's own, the target's labels only
     for text in texts:
-        for match in re.finditer(r"^([A-Za-z_:][\w:]*)(?:\{(.*)\})? \S+", text, re.MULTILINE):
-            labels = series[match[1]]
-            for label, value in re.findall(r'([A-Za-z_]\w*)="((?:[^"\\]|\\.)*)"', match[2] or ""):
-                labels[label].add(value)
-    series["up"] = defaultdict(set)  # Prometheus's own, with the target's labels only
-    return {name: dict(labels) for name, labels in series.items()}
+        for name, labels in kit.exposed_series(text).items():
+            known = series.setdefault(name, {})
+            for label, values in labels.items():
+                known.setdefault(label, set()).update(values)
+    return series
 
 
 def problems(rule_list: list[dict[str, Any]]) -> list[str]:
