@@ -24,6 +24,7 @@ from typing import Protocol
 from proxy.exposition import (
     LEGACY_LABEL_NAME,
     LEGACY_METRIC_NAME,
+    MEMBER_SUFFIXES,
     format_metadata,
     format_series,
     parse_metadata,
@@ -415,14 +416,8 @@ def escape_lines(chunk: bytes, scheme: Scheme, families: Families | None = None)
     return b"\n".join(lines) if changed else chunk
 
 
-# The sample-name suffixes of a family of each type (as exposition._MEMBER_SUFFIXES, both formats).
-_SUFFIXES = {
-    "counter": ("_total", "_created"),
-    "histogram": ("_bucket", "_sum", "_count", "_created"),
-    "gaugehistogram": ("_bucket", "_gsum", "_gcount"),
-    "summary": ("_sum", "_count", "_created"),
-    "info": ("_info",),
-}
+# The sample-name suffixes of a family of each type, in either format, but the family's own name.
+_SUFFIXES = {kind: tuple(s for s in suffixes if s) for kind, suffixes in MEMBER_SUFFIXES.items()}
 _ALL_SUFFIXES = frozenset(suffix for suffixes in _SUFFIXES.values() for suffix in suffixes)
 _MAX_FAMILIES = 10_000  # a bound on what one body can make a scraper's escaper remember
 

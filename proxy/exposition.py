@@ -36,7 +36,7 @@ _UNESCAPE = {"\\": "\\", '"': '"', "n": "\n"}
 
 # Sample names a family of each type may hold, in either format (text: counter `x_total` holds
 # `x_total`; OpenMetrics: counter `x` holds `x_total` and `x_created`).
-_MEMBER_SUFFIXES = {
+MEMBER_SUFFIXES = {
     "counter": ("", "_total", "_created"),
     "histogram": ("_bucket", "_sum", "_count", "_created"),
     "gaugehistogram": ("_bucket", "_gsum", "_gcount"),
@@ -228,5 +228,5 @@ def format_metadata(kind: bytes, name: bytes, rest: bytes) -> bytes:
 
 
 def family_members(name: bytes, metric_type: bytes | None) -> frozenset[bytes]:
-    suffixes = _MEMBER_SUFFIXES.get((metric_type or b"").decode("ascii", "replace"), ("",))
+    suffixes = MEMBER_SUFFIXES.get((metric_type or b"").decode("ascii", "replace"), ("",))
     return frozenset(name + suffix.encode() for suffix in suffixes)
