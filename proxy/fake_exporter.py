@@ -441,6 +441,21 @@ class _Variant:
     headers: dict[str, str]
 
 
+# Escaping schemes by their `escaping=` names (prometheus/common model.EscapingScheme).
+ESCAPING_SCHEMES = ("allow-utf-8", "underscores", "dots", "values")
+_ESCAPING_TERM = re.compile(r";\s*escaping=([\w-]+)")
+
+
+def _with_escaping(variant: _Variant, accept: str) -> _Variant:
+    """The answer's Content-Type with the scheme a 0.30+ exporter names: the Accept's first known
+    `escaping=` value, else underscores (common's default). A simplification of expfmt's
+    NegotiateAccept, which walks the clauses by q; Prometheus writes one value on all of them. Every
+    name the fake serves is legacy, so the body is the same in every scheme."""
+    scheme = next((s for s in _ESCAPING_TERM.findall(accept) if s in ESCAPING_SCHEMES), "underscores")
+    content_type = f"{variant.headers['Content-Type']}; escaping={scheme}"
+    return _Variant(variant.body, {**variant.headers, "Content-Type": content_type})
+
+
 class FakeExporter:
     """windows_exporter's HTTP behaviour with knobs that tests may turn while it is serving."""
 
@@ -476,6 +491,9 @@ class FakeExporter:
         self.start_time = int(time.time())
         self.collector_cost = collector_cost
         self.advancing = advancing
+        # windows_exporter 0.30+ (client_golang 1.20+, prometheus/common 0.61+) names the escaping
+        # scheme it used in Content-Type; 0.20 (client_golang 1.13) does not.
+        self.negotiates_escaping = source is None and profile != "0.20"
         self._born = time.monotonic()
         self.collector_runs: Counter[str] = Counter()
         # collect[] names answered 400 as unknown although the exposition has them: an exporter
@@ -652,6 +670,8 @@ class FakeExporter:
             compress = True  # like a broken exporter or middlebox, whatever the client accepts
         ran = self.payload.collectors if collectors is None else collectors
         variant = self.variant(collectors, openmetrics=openmetrics, compress=compress, failing=failing & ran)
+        if self.negotiates_escaping:
+            variant = _with_escaping(variant, request.headers.get("Accept", ""))
         # Body faults need a body: a HEAD answer must not carry one, so it is served normally.
         if fault is Fault.SLOW_BODY and request.method != "HEAD":
             return await self._slow_body(request, variant)

@@ -1035,3 +1035,34 @@ def test_advancing_counters_grow_at_their_modelled_rates_and_gauges_stay(profile
             assert new[series] == value, series
     assert grown > 100
     assert not FakeExporter(profile=profile).advancing  # off by default: bodies stay cached
+
+
+@pytest.mark.parametrize(
+    ("profile", "accept", "expected"),
+    [
+        # Prometheus 3's default scrape protocols (prometheus/prometheus v3.14.0 scrape/scrape_test.go)
+        (
+            "0.31",
+            "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,"
+            "application/openmetrics-text;version=0.0.1;q=0.5,text/plain;version=1.0.0;"
+            "escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8; escaping=allow-utf-8",
+        ),
+        (
+            "0.31",
+            "text/plain;version=0.0.4;escaping=dots",
+            "text/plain; version=0.0.4; charset=utf-8; escaping=dots",
+        ),
+        ("0.31", "", "text/plain; version=0.0.4; charset=utf-8; escaping=underscores"),
+        ("0.20", "text/plain;version=0.0.4;escaping=dots", "text/plain; version=0.0.4; charset=utf-8"),
+    ],
+)
+async def test_a_current_profile_names_its_escaping_scheme_as_client_golang_does(
+    serve: Serve, profile: str, accept: str, expected: str
+) -> None:
+    """windows_exporter 0.30+ is built on client_golang 1.20+ (0.31.0: 1.22.0, common 0.65.0), whose
+    Content-Type names the escaping scheme; 0.20 (client_golang 1.13.0) names none."""
+    client, _ = await serve(profile=profile)
+    response = await client.get("/metrics", headers={"Accept": accept, **IDENTITY})
+    assert response.headers["Content-Type"] == expected
+    await response.read()
