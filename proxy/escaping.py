@@ -25,8 +25,10 @@ from proxy.exposition import (
     LEGACY_LABEL_NAME,
     LEGACY_METRIC_NAME,
     MEMBER_SUFFIXES,
+    QUOTED_NAME_MARKS,
     format_metadata,
     format_series,
+    may_hold_quoted_name,
     parse_metadata,
     parse_sample,
 )
@@ -367,13 +369,6 @@ def rules_may_make_non_legacy(rules: Iterable[_RuleLike]) -> bool:
 
 # -- exposition ------------------------------------------------------------------------------------
 
-# Where a quoted name can begin: first inside braces, after a comma, after white space (a quoted name
-# in HELP/TYPE/UNIT follows `# HELP `; the parser allows blanks inside braces). A `"` inside a label
-# value is always escaped (`\"`), so none of these occurs in a value; HELP text can hold them, which
-# costs a parse of that line and nothing more.
-_MARKS = (b'{"', b',"', b' "', b'\t"')
-
-
 Families = dict[str, frozenset[str]]
 
 
@@ -394,21 +389,14 @@ def escape_lines(chunk: bytes, scheme: Scheme, families: Families | None = None)
     """
     if scheme is Scheme.ALLOW_UTF8:
         return chunk
-    # Two-byte needles scan at about 1 GB/s here (CPython 3.11); a tab is rare, and one byte is
-    # found by memchr, so `\t"` is looked for only when a tab is there at all.
-    if (
-        b'{"' not in chunk
-        and b',"' not in chunk
-        and b' "' not in chunk
-        and (b"\t" not in chunk or b'\t"' not in chunk)
-    ):
+    if not may_hold_quoted_name(chunk):
         return chunk
     if families is None:
         families = {}
     lines = chunk.split(b"\n")
     changed = False
     for i, line in enumerate(lines):
-        if line and any(mark in line for mark in _MARKS):
+        if line and any(mark in line for mark in QUOTED_NAME_MARKS):
             escaped = _escape_line(line, scheme, families)
             if escaped is not line:
                 lines[i] = escaped

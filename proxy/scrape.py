@@ -93,9 +93,16 @@ class ClientWriter:
     negotiated escaping with the scraper itself, so it and its headers are left alone.
     """
 
-    __slots__ = ("_compressor", "_escaping", "_families", "response", "served")
+    __slots__ = ("_compressor", "_escaping", "_families", "_rules", "response", "served")
 
-    def __init__(self, head: Head, request: web.Request, *, names_may_change: bool = True) -> None:
+    def __init__(
+        self,
+        head: Head,
+        request: web.Request,
+        *,
+        rules: RuleSet | None = None,
+        names_may_change: bool = True,
+    ) -> None:
         self.response = web.StreamResponse(status=head.status)
         headers = self.response.headers
         for name, value in head.headers:
@@ -103,6 +110,7 @@ class ClientWriter:
         headers["Server"] = SERVER_HEADER
         self._compressor = None
         self._escaping: Scheme | None = None
+        self._rules = rules
         self._families: dict[str, frozenset[str]] = {}  # escape_lines' memory of this body
         if head.rewritten:
             headers["Vary"] = "Accept-Encoding"
@@ -121,7 +129,9 @@ class ClientWriter:
         self.served = 0
 
     async def write(self, data: bytes) -> None:
-        if self._escaping is not None:
+        # Only once the rules have let out a line that may hold a quoted name (RuleSet.quoted_names,
+        # set before that line is published): until then every piece would pass unchanged.
+        if self._escaping is not None and self._rules is not None and self._rules.quoted_names:
             # The rewriter's pieces are whole lines (Rewriter.feed holds back an unfinished last
             # line and finish() ends the last one), which escape_lines needs.
             data = escape_lines(data, self._escaping, self._families)
@@ -203,7 +213,7 @@ class MetricsProxy:
                 return text_response(504, self._late_head(flight))
             if isinstance(head, Refusal):
                 return text_response(head.status, head.text)
-            writer = ClientWriter(head, request, names_may_change=self._names_may_change)
+            writer = ClientWriter(head, request, rules=self.rules, names_may_change=self._names_may_change)
             cursor.on_drop = lambda: self._cut(request, "fell_behind")  # too far behind: cut now
             # A scraper that stops reading must not hold a flight, or the exporter's single
             # scrape slot, forever: past its own scrape timeout its connection is cut.

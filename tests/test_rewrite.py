@@ -624,3 +624,31 @@ def test_a_gzip_bomb_without_newlines_fails_at_the_line_cap_not_at_its_size() ->
         transform.feed(body)
     inflated = transform._inflate.unconsumed_tail  # what is left was never inflated
     assert len(inflated) > 0
+
+
+def test_the_rule_set_remembers_whether_its_output_ever_held_a_quoted_name() -> None:
+    keep = RuleSet(parse_rules([{"source_labels": ["__name__"], "regex": NODE_KEEP_LIST, "action": "keep"}]))
+    rewrite_bytes(CAPTURE, keep, openmetrics=False)
+    assert not keep.quoted_names
+    rename = RuleSet(
+        parse_rules(
+            [
+                {
+                    "source_labels": ["__name__"],
+                    "regex": "windows_cpu_(.*)",
+                    "target_label": "__name__",
+                    "replacement": "cpu.$1",
+                }
+            ]
+        )
+    )
+    rewrite_bytes(CAPTURE, rename, openmetrics=False)
+    assert rename.quoted_names
+    passed = RuleSet(parse_rules([{"regex": "x", "action": "labeldrop"}]))
+    rewrite_bytes(b"up 1\n", passed, openmetrics=False)
+    assert not passed.quoted_names
+    rewrite_bytes(b'{"exporter.utf8",a="b"} 2\n', passed, openmetrics=False)  # an exporter's own
+    assert passed.quoted_names
+    metadata = RuleSet(parse_rules([{"regex": "x", "action": "labeldrop"}]))
+    rewrite_bytes(b'# HELP "a.b" A help text.\n', metadata, openmetrics=False)
+    assert metadata.quoted_names
